@@ -1,0 +1,185 @@
+//! `chatgpt-component`: the command line. Each subcommand is a few lines over the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::Value;
+
+use chatgpt_component::actions::{self, Context};
+use chatgpt_component::component::{check, Component, Direction};
+use chatgpt_component::credentials::process_env;
+use chatgpt_component::emit::Outcome;
+use chatgpt_component::message::Message;
+use chatgpt_component::modes::exec::JsonLines;
+use chatgpt_component::openai::{OpenAi, RetryPolicy};
+use chatgpt_component::services;
+
+/// Exit status of `exec` when the message was rebounded (EX_TEMPFAIL: try again later).
+const EXIT_REBOUND: u8 = 75;
+/// Exit status for unusable command-line input.
+const EXIT_USAGE: u8 = 2;
+
+#[derive(Parser)]
+#[command(name = "chatgpt-component", version, about = "The ChatGPT component: send chat completion requests to OpenAI or any OpenAI-compatible server.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check that component.json and the code agree (handlers, schemas, model functions, views).
+    Check {
+        /// Read component.json and schemas from this directory instead of the copies built in.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Print an action's metadata schema, converted to standard JSON Schema.
+    Schema {
+        action: String,
+        direction: Side,
+        /// Print the elastic.io dialect as written, not the converted schema.
+        #[arg(long)]
+        dialect: bool,
+    },
+    /// Run an action on one message; print each emitted event as a JSON line.
+    Exec {
+        action: String,
+        /// Step configuration (credentials + fields): a JSON text, a file, or - for stdin.
+        #[arg(long, default_value = "{}")]
+        cfg: String,
+        /// The message ({"body": ...}) or just its body: a JSON text, a file, or - for stdin.
+        #[arg(long)]
+        msg: String,
+    },
+    /// Verify credentials: prints {"verified":true} or {"verified":false,"reason":...}.
+    Verify {
+        #[arg(long, default_value = "{}")]
+        cfg: String,
+    },
+    /// Run a select-model function: prints the {value: label} map, sorted.
+    SelectModel {
+        action: String,
+        function: String,
+        #[arg(long, default_value = "{}")]
+        cfg: String,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Side {
+    In,
+    Out,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    init_logging();
+    let cli = Cli::parse();
+    match run(cli.command).await {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("chatgpt-component: {message}");
+            ExitCode::from(EXIT_USAGE)
+        }
+    }
+}
+
+async fn run(command: Command) -> Result<ExitCode, String> {
+    let env = process_env;
+    let ctx = Context {
+        client: OpenAi::shared(),
+        env: &env,
+        retry: RetryPolicy::default(),
+    };
+    match command {
+        Command::Check { dir } => {
+            let problems = match dir {
+                Some(dir) => check::check(&Component::from_dir(&dir)?),
+                None => check::check(Component::embedded()),
+            };
+            if problems.is_empty() {
+                println!("ok: component.json and the code agree");
+                return Ok(ExitCode::SUCCESS);
+            }
+            for problem in &problems {
+                eprintln!("problem: {problem}");
+            }
+            Ok(ExitCode::FAILURE)
+        }
+        Command::Schema { action, direction, dialect } => {
+            let direction = match direction {
+                Side::In => Direction::In,
+                Side::Out => Direction::Out,
+            };
+            let component = Component::embedded();
+            let schema = if dialect {
+                component.metadata(&action, direction)?
+            } else {
+                component.schema(&action, direction)?
+            };
+            println!("{}", serde_json::to_string_pretty(&schema).expect("serializes"));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Exec { action, cfg, msg } => {
+            let cfg = read_json("--cfg", &cfg)?;
+            let msg = Message::from_json(read_json("--msg", &msg)?)
+                .map_err(|e| format!("--msg is not a message: {e}"))?;
+            let mut out = JsonLines::new(tokio::io::stdout());
+            let outcome = actions::run(&action, &ctx, &cfg, msg, &mut out)
+                .await
+                .map_err(|e| format!("cannot write to stdout: {e}"))?;
+            Ok(match outcome {
+                Outcome::Data(_) => ExitCode::SUCCESS,
+                Outcome::Error(_) => ExitCode::FAILURE,
+                Outcome::Rebound(_) => ExitCode::from(EXIT_REBOUND),
+            })
+        }
+        Command::Verify { cfg } => {
+            let cfg = read_json("--cfg", &cfg)?;
+            let verification = services::verify_credentials(&ctx, &cfg).await;
+            println!("{}", serde_json::to_string(&verification).expect("serializes"));
+            Ok(if verification.verified { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::SelectModel { action, function, cfg } => {
+            let cfg = read_json("--cfg", &cfg)?;
+            match services::select_model(&ctx, &action, &function, &cfg).await {
+                Ok(models) => {
+                    println!("{}", serde_json::to_string(&models).expect("serializes"));
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(error) => {
+                    eprintln!("chatgpt-component: {}", error.message);
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+    }
+}
+
+/// Reads a JSON argument: inline JSON, `-` for stdin, or a file path.
+fn read_json(flag: &str, arg: &str) -> Result<Value, String> {
+    let trimmed = arg.trim_start();
+    let text = if trimmed.starts_with('{') || trimmed.starts_with('[') {
+        arg.to_string()
+    } else if arg == "-" {
+        std::io::read_to_string(std::io::stdin()).map_err(|e| format!("{flag}: cannot read stdin: {e}"))?
+    } else {
+        std::fs::read_to_string(arg).map_err(|e| format!("{flag}: cannot read {arg}: {e}"))?
+    };
+    serde_json::from_str(&text).map_err(|e| format!("{flag} is not valid JSON: {e}"))
+}
+
+/// Logs go to stderr (stdout carries results). `RUST_LOG` or `LOG_LEVEL` set the level; warn by
+/// default, so retries show.
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(std::env::var("LOG_LEVEL").unwrap_or_else(|_| "warn".into())))
+        .unwrap_or_else(|_| EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

@@ -1,0 +1,4 @@
+//! The ways the component runs. Each is a thin shell: it gets a message in, calls
+//! [`actions::run`](crate::actions::run) with an emitter, and delivers what comes out.
+
+pub mod exec;
