@@ -246,8 +246,9 @@ fn request_id(headers: &HeaderMap) -> Option<String> {
         .map(str::to_string)
 }
 
-/// Parses and normalises a non-streamed completion.
-fn parse_completion(bytes: &[u8], request_id: &Option<String>) -> Result<Value, CallError> {
+/// Parses and normalises a non-streamed completion: lenient about what compatible servers omit
+/// (`object`, choice `index`, message `role`), strict about what callers need (`choices`).
+pub fn parse_completion(bytes: &[u8], request_id: &Option<String>) -> Result<Value, CallError> {
     let invalid = |detail: String| CallError::InvalidResponse {
         detail,
         request_id: request_id.clone(),
