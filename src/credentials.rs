@@ -47,7 +47,7 @@ pub struct Credentials {
 
 /// A setting that is missing or unusable. Names the field and says what to do.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("configuration field `{field}` {problem}")]
+#[error("Configuration field `{field}` {problem}")]
 pub struct ConfigError {
     pub field: String,
     pub problem: String,

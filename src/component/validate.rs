@@ -126,7 +126,7 @@ impl fmt::Display for Violations {
         let n = self.0.len();
         write!(
             f,
-            "the message body does not match the input schema ({n} problem{}):",
+            "The message body does not match the input schema ({n} problem{}):",
             if n == 1 { "" } else { "s" }
         )?;
         for v in &self.0 {
@@ -167,7 +167,7 @@ mod tests {
             .unwrap_err();
         assert_eq!(
             err.to_string(),
-            "the message body does not match the input schema (4 problems):\n  \
+            "The message body does not match the input schema (4 problems):\n  \
              /messages/0/role: expected one of \"user\", \"system\"\n  \
              /messages/1/role: expected a value: this field is required\n  \
              /stop: expected one of these forms: a string, not an integer; or an array, not an integer\n  \

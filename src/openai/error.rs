@@ -157,7 +157,8 @@ impl CallError {
 
     /// The error as the platform shows it.
     pub fn to_event(&self) -> ErrorEvent {
-        let mut message = format!("{self}. {}", self.advice());
+        let what = self.to_string();
+        let mut message = format!("{}. {}", what.trim_end_matches('.'), self.advice());
         if let Some(id) = self.request_id() {
             message.push_str(&format!(" (request id {id})"));
         }

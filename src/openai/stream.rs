@@ -25,6 +25,8 @@ struct Choice {
     role: Option<String>,
     content: Option<String>,
     refusal: Option<String>,
+    /// URL citations (web search) arrive as whole items; OpenAI's plain shape always has the list.
+    annotations: Vec<Value>,
     tool_calls: BTreeMap<u64, ToolCall>,
     function_call: Option<(String, String)>,
     logprobs: Option<Map<String, Value>>,
@@ -109,6 +111,9 @@ impl Choice {
         if let Some(refusal) = text("refusal") {
             self.refusal.get_or_insert_with(String::new).push_str(refusal);
         }
+        if let Some(items) = delta.get("annotations").and_then(Value::as_array) {
+            self.annotations.extend(items.iter().cloned());
+        }
         for (position, fragment) in delta
             .get("tool_calls")
             .and_then(Value::as_array)
@@ -146,10 +151,15 @@ impl Choice {
     }
 
     fn finish(self, index: u64) -> Value {
+        // Streams open with `content: ""`; a plain tool-call answer has `content: null`.
+        let content = self
+            .content
+            .filter(|c| !(c.is_empty() && !self.tool_calls.is_empty()));
         let mut message = json!({
             "role": self.role.unwrap_or_else(|| "assistant".into()),
-            "content": self.content,
+            "content": content,
             "refusal": self.refusal,
+            "annotations": self.annotations,
         });
         if !self.tool_calls.is_empty() {
             let calls: Vec<Value> = self
@@ -189,7 +199,7 @@ mod tests {
     fn assembles_content_and_tool_calls_per_index() {
         let mut agg = Aggregate::default();
         agg.push(&chunk(json!([{"index": 0, "delta": {"role": "assistant", "content": ""}}])));
-        agg.push(&chunk(json!([{"index": 1, "delta": {"role": "assistant", "tool_calls": [
+        agg.push(&chunk(json!([{"index": 1, "delta": {"role": "assistant", "content": "", "tool_calls": [
             {"index": 0, "id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": ""}}
         ]}}])));
         agg.push(&chunk(json!([{"index": 0, "delta": {"content": "Hel"}}])));
@@ -203,9 +213,9 @@ mod tests {
             json!({
                 "id": "c1", "object": "chat.completion", "created": 1, "model": "m",
                 "choices": [
-                    {"index": 0, "message": {"role": "assistant", "content": "Hello", "refusal": null},
+                    {"index": 0, "message": {"role": "assistant", "content": "Hello", "refusal": null, "annotations": []},
                      "logprobs": null, "finish_reason": "stop"},
-                    {"index": 1, "message": {"role": "assistant", "content": null, "refusal": null, "tool_calls": [
+                    {"index": 1, "message": {"role": "assistant", "content": null, "refusal": null, "annotations": [], "tool_calls": [
                         {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": "{\"q\":1}"}}
                     ]}, "logprobs": null, "finish_reason": "tool_calls"}
                 ],
