@@ -60,6 +60,15 @@ impl ConfigError {
             problem: problem.into(),
         }
     }
+
+    /// The error as the platform shows it.
+    pub fn to_event(&self) -> crate::emit::ErrorEvent {
+        crate::emit::ErrorEvent::new(
+            "ConfigurationError",
+            self.to_string(),
+            serde_json::json!({ "field": self.field }),
+        )
+    }
 }
 
 /// Resolves credentials from `cfg`, falling back to `OPENAI_API_KEY`, `OPENAI_BASE_URL`,
@@ -212,13 +221,18 @@ mod tests {
     }
 
     fn header(c: &Credentials, name: &str) -> Option<String> {
-        c.headers().get(name).map(|v| v.to_str().unwrap().to_string())
+        c.headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_string())
     }
 
     #[test]
     fn openai_defaults() {
         let c = resolve(&json!({"apiKey": "sk-1", "organization": "org-9"}), &no_env).unwrap();
-        assert_eq!(c.url("/chat/completions"), "https://api.openai.com/v1/chat/completions");
+        assert_eq!(
+            c.url("/chat/completions"),
+            "https://api.openai.com/v1/chat/completions"
+        );
         assert_eq!(header(&c, "authorization").as_deref(), Some("Bearer sk-1"));
         assert_eq!(header(&c, "openai-organization").as_deref(), Some("org-9"));
         assert_eq!(header(&c, "openai-project"), None);
@@ -237,8 +251,14 @@ mod tests {
         };
         let c = resolve(&json!({"apiKey": "", "organization": "  "}), &env).unwrap();
         assert_eq!(c.url("/models"), "http://127.0.0.1:9/v1/models");
-        assert_eq!(header(&c, "authorization").as_deref(), Some("Bearer sk-env"));
-        assert_eq!(header(&c, "openai-organization").as_deref(), Some("org-env"));
+        assert_eq!(
+            header(&c, "authorization").as_deref(),
+            Some("Bearer sk-env")
+        );
+        assert_eq!(
+            header(&c, "openai-organization").as_deref(),
+            Some("org-env")
+        );
         assert_eq!(header(&c, "openai-project").as_deref(), Some("proj_env"));
         assert!(!c.is_openai());
     }
@@ -247,7 +267,10 @@ mod tests {
     fn cfg_wins_over_the_environment() {
         let env = |name: &str| (name != "OPENAI_BASE_URL").then(|| "from-env".to_string());
         let c = resolve(&json!({"apiKey": "sk-cfg", "project": "proj_cfg"}), &env).unwrap();
-        assert_eq!(header(&c, "authorization").as_deref(), Some("Bearer sk-cfg"));
+        assert_eq!(
+            header(&c, "authorization").as_deref(),
+            Some("Bearer sk-cfg")
+        );
         assert_eq!(header(&c, "openai-project").as_deref(), Some("proj_cfg"));
     }
 
@@ -277,7 +300,10 @@ mod tests {
     fn line_breaks_are_refused_without_quoting_the_value() {
         for (cfg, field) in [
             (json!({"apiKey": "sk-abc\n"}), "apiKey"),
-            (json!({"apiKey": "sk-1", "organization": "org\r\nX-Evil: 1"}), "organization"),
+            (
+                json!({"apiKey": "sk-1", "organization": "org\r\nX-Evil: 1"}),
+                "organization",
+            ),
             (json!({"apiKey": "sk-1", "project": "p\n"}), "project"),
         ] {
             let err = resolve(&cfg, &no_env).unwrap_err();
@@ -292,10 +318,16 @@ mod tests {
     #[test]
     fn bad_settings_name_their_field() {
         for (cfg, field) in [
-            (json!({"apiKey": "k", "baseUrl": "api.openai.com"}), "baseUrl"),
+            (
+                json!({"apiKey": "k", "baseUrl": "api.openai.com"}),
+                "baseUrl",
+            ),
             (json!({"apiKey": "k", "baseUrl": "ftp://x/v1"}), "baseUrl"),
             (json!({"apiKey": "k", "authStyle": "basic"}), "authStyle"),
-            (json!({"apiKey": "k", "apiVersion": "2024 10"}), "apiVersion"),
+            (
+                json!({"apiKey": "k", "apiVersion": "2024 10"}),
+                "apiVersion",
+            ),
         ] {
             assert_eq!(resolve(&cfg, &no_env).unwrap_err().field, field, "{cfg}");
         }

@@ -21,7 +21,11 @@ const EXIT_REBOUND: u8 = 75;
 const EXIT_USAGE: u8 = 2;
 
 #[derive(Parser)]
-#[command(name = "chatgpt-component", version, about = "The ChatGPT component: send chat completion requests to OpenAI or any OpenAI-compatible server.")]
+#[command(
+    name = "chatgpt-component",
+    version,
+    about = "The ChatGPT component: send chat completion requests to OpenAI or any OpenAI-compatible server."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -108,7 +112,11 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             }
             Ok(ExitCode::FAILURE)
         }
-        Command::Schema { action, direction, dialect } => {
+        Command::Schema {
+            action,
+            direction,
+            dialect,
+        } => {
             let direction = match direction {
                 Side::In => Direction::In,
                 Side::Out => Direction::Out,
@@ -119,7 +127,10 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             } else {
                 component.schema(&action, direction)?
             };
-            println!("{}", serde_json::to_string_pretty(&schema).expect("serializes"));
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&schema).expect("serializes")
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Exec { action, cfg, msg } => {
@@ -139,10 +150,21 @@ async fn run(command: Command) -> Result<ExitCode, String> {
         Command::Verify { cfg } => {
             let cfg = read_json("--cfg", &cfg)?;
             let verification = services::verify_credentials(&ctx, &cfg).await;
-            println!("{}", serde_json::to_string(&verification).expect("serializes"));
-            Ok(if verification.verified { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            println!(
+                "{}",
+                serde_json::to_string(&verification).expect("serializes")
+            );
+            Ok(if verification.verified {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
-        Command::SelectModel { action, function, cfg } => {
+        Command::SelectModel {
+            action,
+            function,
+            cfg,
+        } => {
             let cfg = read_json("--cfg", &cfg)?;
             match services::select_model(&ctx, &action, &function, &cfg).await {
                 Ok(models) => {
@@ -164,7 +186,8 @@ fn read_json(flag: &str, arg: &str) -> Result<Value, String> {
     let text = if trimmed.starts_with('{') || trimmed.starts_with('[') {
         arg.to_string()
     } else if arg == "-" {
-        std::io::read_to_string(std::io::stdin()).map_err(|e| format!("{flag}: cannot read stdin: {e}"))?
+        std::io::read_to_string(std::io::stdin())
+            .map_err(|e| format!("{flag}: cannot read stdin: {e}"))?
     } else {
         std::fs::read_to_string(arg).map_err(|e| format!("{flag}: cannot read {arg}: {e}"))?
     };
@@ -176,7 +199,9 @@ fn read_json(flag: &str, arg: &str) -> Result<Value, String> {
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(std::env::var("LOG_LEVEL").unwrap_or_else(|_| "warn".into())))
+        .or_else(|_| {
+            EnvFilter::try_new(std::env::var("LOG_LEVEL").unwrap_or_else(|_| "warn".into()))
+        })
         .unwrap_or_else(|_| EnvFilter::new("warn"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -66,6 +66,9 @@ mod tests {
 
     #[test]
     fn new_messages_get_unique_ids() {
-        assert_ne!(Message::with_body(Value::Null).id, Message::with_body(Value::Null).id);
+        assert_ne!(
+            Message::with_body(Value::Null).id,
+            Message::with_body(Value::Null).id
+        );
     }
 }

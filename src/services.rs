@@ -56,7 +56,9 @@ pub async fn verify_credentials(ctx: &Context<'_>, cfg: &Value) -> Verification 
             verified: true,
             reason: None,
         },
-        Err(CallError::Api(e)) if matches!(e.status, 404 | 405 | 501) && !credentials.is_openai() => {
+        Err(CallError::Api(e))
+            if matches!(e.status, 404 | 405 | 501) && !credentials.is_openai() =>
+        {
             Verification {
                 verified: true,
                 reason: None,
@@ -81,9 +83,7 @@ pub async fn select_model(
             Value::Null,
         ));
     }
-    let credentials = credentials::resolve(cfg, ctx.env).map_err(|e| {
-        ErrorEvent::new("ConfigurationError", e.to_string(), serde_json::json!({"field": e.field}))
-    })?;
+    let credentials = credentials::resolve(cfg, ctx.env).map_err(|e| e.to_event())?;
     let ids = match ctx.client.models(&credentials, &service_options(ctx)).await {
         Ok(ids) => ids,
         Err(CallError::Api(e)) if matches!(e.status, 404 | 405 | 501) => {
@@ -109,8 +109,16 @@ pub async fn select_model(
 pub fn is_chat_model(id: &str) -> bool {
     const FAMILIES: &[&str] = &["gpt-", "o1", "o3", "o4", "chatgpt-"];
     const NOT_CHAT: &[&str] = &[
-        "instruct", "embedding", "tts", "whisper", "dall-e", "transcribe", "realtime", "audio",
-        "image", "moderation",
+        "instruct",
+        "embedding",
+        "tts",
+        "whisper",
+        "dall-e",
+        "transcribe",
+        "realtime",
+        "audio",
+        "image",
+        "moderation",
     ];
     let base = id.strip_prefix("ft:").unwrap_or(id);
     FAMILIES.iter().any(|f| base.starts_with(f)) && !NOT_CHAT.iter().any(|n| base.contains(n))
@@ -122,10 +130,30 @@ mod tests {
 
     #[test]
     fn keeps_chat_models_only() {
-        for id in ["gpt-4o", "gpt-4o-mini", "gpt-5", "o3-mini", "o1", "chatgpt-4o-latest", "ft:gpt-4o-mini:acme::abc123", "gpt-4o-search-preview"] {
+        for id in [
+            "gpt-4o",
+            "gpt-4o-mini",
+            "gpt-5",
+            "o3-mini",
+            "o1",
+            "chatgpt-4o-latest",
+            "ft:gpt-4o-mini:acme::abc123",
+            "gpt-4o-search-preview",
+        ] {
             assert!(is_chat_model(id), "{id}");
         }
-        for id in ["gpt-3.5-turbo-instruct", "text-embedding-3-small", "whisper-1", "tts-1", "dall-e-3", "gpt-4o-realtime-preview", "gpt-4o-transcribe", "gpt-image-1", "omni-moderation-latest", "babbage-002"] {
+        for id in [
+            "gpt-3.5-turbo-instruct",
+            "text-embedding-3-small",
+            "whisper-1",
+            "tts-1",
+            "dall-e-3",
+            "gpt-4o-realtime-preview",
+            "gpt-4o-transcribe",
+            "gpt-image-1",
+            "omni-moderation-latest",
+            "babbage-002",
+        ] {
             assert!(!is_chat_model(id), "{id}");
         }
     }

@@ -19,13 +19,21 @@ fn data(outcome: Outcome) -> Value {
 }
 
 fn out_schema() -> Schema {
-    Schema::compile(&Component::embedded().schema("sendRequest", Direction::Out).unwrap()).unwrap()
+    Schema::compile(
+        &Component::embedded()
+            .schema("sendRequest", Direction::Out)
+            .unwrap(),
+    )
+    .unwrap()
 }
 
 #[tokio::test]
 async fn sends_the_model_headers_and_only_the_fields_set() {
     let fake = FakeOpenAi::start().await;
-    let cfg = with(cfg(&fake), json!({"organization": "org-acme", "project": "proj_42"}));
+    let cfg = with(
+        cfg(&fake),
+        json!({"organization": "org-acme", "project": "proj_42"}),
+    );
     let body = json!({
         "messages": [
             {"role": "developer", "content": "Answer briefly."},
@@ -46,7 +54,10 @@ async fn sends_the_model_headers_and_only_the_fields_set() {
         ".headers.authorization" => "[redacted]",
         ".headers[\"user-agent\"]" => "[version]",
     });
-    assert_eq!(requests[0].headers["authorization"], format!("Bearer {API_KEY}"));
+    assert_eq!(
+        requests[0].headers["authorization"],
+        format!("Bearer {API_KEY}")
+    );
 }
 
 #[tokio::test]
@@ -68,7 +79,9 @@ async fn emits_the_completion_as_the_message_body() {
     let outcome = send(&cfg(&fake), hello()).await;
     let event = Event::from(outcome);
     insta::assert_json_snapshot!("data_event", event, {".message.id" => "[uuid]"});
-    let Event::Data { message } = event else { unreachable!() };
+    let Event::Data { message } = event else {
+        unreachable!()
+    };
     out_schema().check(&message.body).unwrap();
 }
 
@@ -81,7 +94,10 @@ async fn json_output_is_also_given_parsed() {
     }));
     let body = with(hello(), json!({"response_format": {"type": "json_object"}}));
     let out = data(send(&cfg(&fake), body).await);
-    assert_eq!(out["choices"][0]["message"]["parsed"], json!({"city": "Paris", "population": 2102650}));
+    assert_eq!(
+        out["choices"][0]["message"]["parsed"],
+        json!({"city": "Paris", "population": 2102650})
+    );
     out_schema().check(&out).unwrap();
 }
 
@@ -90,7 +106,11 @@ async fn json_output_is_also_given_parsed() {
 async fn a_streamed_answer_is_emitted_like_a_plain_one() {
     let fake = FakeOpenAi::start().await;
     let tool = Reply {
-        tool_calls: vec![ToolCall { id: "call_1".into(), name: "get_weather".into(), arguments: r#"{"city":"Paris","unit":"c"}"#.into() }],
+        tool_calls: vec![ToolCall {
+            id: "call_1".into(),
+            name: "get_weather".into(),
+            arguments: r#"{"city":"Paris","unit":"c"}"#.into(),
+        }],
         ..Reply::default()
     };
     for (label, script, body) in [
@@ -110,10 +130,16 @@ async fn a_streamed_answer_is_emitted_like_a_plain_one() {
             answers.push(out);
         }
         assert_eq!(answers[0], answers[1], "{label}");
-        assert!(answers[1]["usage"]["total_tokens"].as_u64().unwrap() > 0, "{label}");
+        assert!(
+            answers[1]["usage"]["total_tokens"].as_u64().unwrap() > 0,
+            "{label}"
+        );
     }
     let streamed = &fake.chat_requests()[1];
-    assert_eq!(streamed.body["stream_options"], json!({"include_usage": true}));
+    assert_eq!(
+        streamed.body["stream_options"],
+        json!({"include_usage": true})
+    );
     assert_eq!(streamed.headers["accept"], "text/event-stream");
 }
 
@@ -137,7 +163,12 @@ async fn retries_rate_limits_conflicts_timeouts_and_server_errors() {
         ("409", status(409, "conflict")),
         ("500", Script::Error(ErrorReply::server_error())),
         ("503", Script::Error(ErrorReply::overloaded())),
-        ("x-should-retry true on 400", Script::Error(ErrorReply::bad_request("messages", "odd").with_header("x-should-retry", "true"))),
+        (
+            "x-should-retry true on 400",
+            Script::Error(
+                ErrorReply::bad_request("messages", "odd").with_header("x-should-retry", "true"),
+            ),
+        ),
         ("cut connection", Script::CutConnection),
     ] {
         let (requests, outcome) = case(vec![script], 2).await;
@@ -148,15 +179,35 @@ async fn retries_rate_limits_conflicts_timeouts_and_server_errors() {
 #[tokio::test]
 async fn never_retries_what_cannot_succeed() {
     for (label, reply, expected) in [
-        ("insufficient_quota", ErrorReply::insufficient_quota(), "error"),
-        ("400", ErrorReply::bad_request("temperature", "Invalid type for 'temperature'"), "error"),
+        (
+            "insufficient_quota",
+            ErrorReply::insufficient_quota(),
+            "error",
+        ),
+        (
+            "400",
+            ErrorReply::bad_request("temperature", "Invalid type for 'temperature'"),
+            "error",
+        ),
         ("401", ErrorReply::invalid_api_key(), "error"),
         ("403", ErrorReply::permission_denied(), "error"),
         ("404", ErrorReply::model_not_found("gpt-4o-mini"), "error"),
-        ("422", ErrorReply::new(422, "invalid_request_error", None, "unprocessable"), "error"),
-        ("x-should-retry false on 500", ErrorReply::server_error().with_header("x-should-retry", "false"), "error"),
+        (
+            "422",
+            ErrorReply::new(422, "invalid_request_error", None, "unprocessable"),
+            "error",
+        ),
+        (
+            "x-should-retry false on 500",
+            ErrorReply::server_error().with_header("x-should-retry", "false"),
+            "error",
+        ),
         // Longer than the in-process cap: hand the message back to the platform at once.
-        ("retry-after 121 s", ErrorReply::rate_limited("121"), "rebound"),
+        (
+            "retry-after 121 s",
+            ErrorReply::rate_limited("121"),
+            "rebound",
+        ),
     ] {
         let (requests, outcome) = case(vec![Script::Error(reply)], 2).await;
         assert_eq!((requests, kind(&outcome)), (1, expected), "{label}");
@@ -169,10 +220,15 @@ async fn never_retries_what_cannot_succeed() {
 async fn exhausted_rate_limits_and_server_errors_become_rebounds() {
     let (requests, outcome) = case(vec![Script::Error(ErrorReply::rate_limited_ms(1)); 3], 2).await;
     assert_eq!(requests, 3);
-    let Outcome::Rebound(reason) = outcome else { panic!("{outcome:?}") };
+    let Outcome::Rebound(reason) = outcome else {
+        panic!("{outcome:?}")
+    };
     assert_eq!(reason.details["status"], 429);
     assert_eq!(reason.details["code"], "rate_limit_exceeded");
-    assert!(reason.details["requestId"].as_str().unwrap().starts_with("req_"));
+    assert!(reason.details["requestId"]
+        .as_str()
+        .unwrap()
+        .starts_with("req_"));
 
     let (requests, outcome) = case(vec![Script::Error(ErrorReply::overloaded()); 2], 1).await;
     assert_eq!((requests, kind(&outcome)), (2, "rebound"));
@@ -186,25 +242,41 @@ async fn honours_retry_after() {
     let started = Instant::now();
     let (requests, outcome) = case(vec![Script::Error(ErrorReply::rate_limited_ms(300))], 1).await;
     assert_eq!((requests, kind(&outcome)), (2, "data"));
-    assert!(started.elapsed() >= Duration::from_millis(300), "waited only {:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "waited only {:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]
 async fn the_timeout_cuts_a_silent_server_but_not_a_stream_that_keeps_talking() {
     let fake = FakeOpenAi::start().await;
-    let cfg = with(cfg(&fake), json!({"requestTimeout": "0.3", "maxRetries": 0}));
+    let cfg = with(
+        cfg(&fake),
+        json!({"requestTimeout": "0.3", "maxRetries": 0}),
+    );
 
     fake.push(Script::SlowFirstByte(Duration::from_secs(3)));
-    let Outcome::Error(error) = send(&cfg, hello()).await else { panic!("expected a timeout error") };
+    let Outcome::Error(error) = send(&cfg, hello()).await else {
+        panic!("expected a timeout error")
+    };
     assert_eq!(error.details["transport"], "timeout");
-    assert!(error.message.contains("requestTimeout"), "{}", error.message);
+    assert!(
+        error.message.contains("requestTimeout"),
+        "{}",
+        error.message
+    );
 
     // Each event arrives within the timeout, the whole answer takes longer: not cut.
     fake.push(Script::SlowTrickle(Duration::from_millis(100)));
     let started = Instant::now();
     let body = with(hello(), json!({"stream": true}));
     let out = data(send(&cfg, body).await);
-    assert!(started.elapsed() > Duration::from_millis(300), "the trickle was too short to prove anything");
+    assert!(
+        started.elapsed() > Duration::from_millis(300),
+        "the trickle was too short to prove anything"
+    );
     assert_eq!(out["choices"][0]["message"]["content"], "echo: Hello there");
 
     // The same trickle without streaming exceeds the whole-request timeout.
@@ -223,9 +295,15 @@ async fn a_cut_stream_is_retried_and_an_error_inside_a_stream_is_reported() {
 
     let fake = FakeOpenAi::start().await;
     fake.push(Script::ErrorMidStream(ErrorReply::server_error()));
-    let Outcome::Error(error) = send(&cfg(&fake), body).await else { panic!("expected an error") };
+    let Outcome::Error(error) = send(&cfg(&fake), body).await else {
+        panic!("expected an error")
+    };
     assert_eq!(fake.chat_requests().len(), 1);
-    assert!(error.message.contains("The server had an error"), "{}", error.message);
+    assert!(
+        error.message.contains("The server had an error"),
+        "{}",
+        error.message
+    );
 }
 
 #[tokio::test]
@@ -236,7 +314,13 @@ async fn error_events_say_what_happened_and_what_to_do() {
     let cfg = cfg(&fake);
     let quota = Event::from(send(&cfg, hello()).await);
     let auth = Event::from(send(&cfg, hello()).await);
-    let invalid = Event::from(send(&cfg, json!({"messages": [], "temperature": 3, "stop": ["a", "b", "c", "d", "e"]})).await);
+    let invalid = Event::from(
+        send(
+            &cfg,
+            json!({"messages": [], "temperature": 3, "stop": ["a", "b", "c", "d", "e"]}),
+        )
+        .await,
+    );
     let no_key = Event::from(send(&json!({"model": "gpt-4o"}), hello()).await);
     let no_model = Event::from(send(&json!({"apiKey": API_KEY}), hello()).await);
     insta::assert_json_snapshot!("error_events", [quota, auth, invalid, no_key, no_model], {

@@ -8,7 +8,7 @@ pub mod send_request;
 use serde_json::Value;
 
 use crate::credentials::Env;
-use crate::emit::{ErrorEvent, Event, Emitter, Outcome};
+use crate::emit::{Emitter, ErrorEvent, Event, Outcome};
 use crate::message::Message;
 use crate::openai::{OpenAi, RetryPolicy};
 
@@ -47,7 +47,11 @@ pub async fn process(action: &str, ctx: &Context<'_>, cfg: &Value, msg: Message)
             "ConfigurationError",
             format!(
                 "unknown action `{other}`; this component has: {}",
-                ACTIONS.iter().map(|a| a.name).collect::<Vec<_>>().join(", ")
+                ACTIONS
+                    .iter()
+                    .map(|a| a.name)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
             Value::Null,
         )),

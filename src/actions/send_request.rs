@@ -18,7 +18,13 @@ use crate::openai::{CallOptions, Completion};
 pub const DEF: ActionDef = ActionDef {
     name: "sendRequest",
     model_functions: &["getModels"],
-    cfg_keys: &["organization", "model", "customModel", "requestTimeout", "maxRetries"],
+    cfg_keys: &[
+        "organization",
+        "model",
+        "customModel",
+        "requestTimeout",
+        "maxRetries",
+    ],
 };
 
 /// Default request timeout: the official SDKs' 10 minutes. Reasoning models routinely take more
@@ -49,17 +55,28 @@ pub struct Prepared {
 pub async fn process(ctx: &Context<'_>, cfg: &Value, msg: Message) -> Outcome {
     let prepared = match prepare(ctx, cfg, &msg) {
         Ok(prepared) => prepared,
-        Err(outcome) => return outcome,
+        Err(error) => return Outcome::Error(error),
     };
-    let model = prepared.request["model"].as_str().unwrap_or_default().to_string();
-    tracing::info!(model, streamed = prepared.request.get("stream").is_some(), "sending chat completion request");
+    let model = prepared.request["model"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    tracing::info!(
+        model,
+        streamed = prepared.request.get("stream").is_some(),
+        "sending chat completion request"
+    );
     let result = ctx
         .client
         .chat_completion(&prepared.credentials, &prepared.request, &prepared.options)
         .await;
     match result {
         Ok(completion) => {
-            tracing::info!(model, request_id = completion.request_id.as_deref(), "chat completion received");
+            tracing::info!(
+                model,
+                request_id = completion.request_id.as_deref(),
+                "chat completion received"
+            );
             Outcome::Data(output(completion, prepared.wants_json))
         }
         Err(error) if error.is_transient() => {
@@ -73,13 +90,15 @@ pub async fn process(ctx: &Context<'_>, cfg: &Value, msg: Message) -> Outcome {
     }
 }
 
-/// Validate, resolve and build: everything before the network. Failures are ready outcomes.
-pub fn prepare(ctx: &Context<'_>, cfg: &Value, msg: &Message) -> Result<Prepared, Outcome> {
-    let body = validate(&msg.body).map_err(|v| Outcome::Error(violations_event(&v)))?;
-    let credentials = credentials::resolve(cfg, ctx.env).map_err(config_error)?;
-    let settings = settings(cfg).map_err(config_error)?;
+/// Validate, resolve and build: everything before the network. A failure is the error to emit.
+pub fn prepare(ctx: &Context<'_>, cfg: &Value, msg: &Message) -> Result<Prepared, ErrorEvent> {
+    let body = validate(&msg.body).map_err(|v| violations_event(&v))?;
+    let credentials = credentials::resolve(cfg, ctx.env).map_err(|e| e.to_event())?;
+    let settings = settings(cfg).map_err(|e| e.to_event())?;
     let wants_json = matches!(
-        body.get("response_format").and_then(|f| f.get("type")).and_then(Value::as_str),
+        body.get("response_format")
+            .and_then(|f| f.get("type"))
+            .and_then(Value::as_str),
         Some("json_object" | "json_schema")
     );
     let options = CallOptions {
@@ -174,7 +193,11 @@ pub fn output(completion: Completion, wants_json: bool) -> Message {
     let mut body = completion.body;
     if wants_json {
         let choices = body.get_mut("choices").and_then(Value::as_array_mut);
-        for message in choices.into_iter().flatten().filter_map(|c| c.get_mut("message")) {
+        for message in choices
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c.get_mut("message"))
+        {
             let parsed = message
                 .get("content")
                 .and_then(Value::as_str)
@@ -186,7 +209,9 @@ pub fn output(completion: Completion, wants_json: bool) -> Message {
     }
     let mut message = Message::with_body(body);
     if let Some(id) = completion.request_id {
-        message.headers.insert("openaiRequestId".into(), Value::String(id));
+        message
+            .headers
+            .insert("openaiRequestId".into(), Value::String(id));
     }
     message
 }
@@ -199,14 +224,6 @@ fn violations_event(violations: &Violations) -> ErrorEvent {
     )
 }
 
-fn config_error(error: ConfigError) -> Outcome {
-    Outcome::Error(ErrorEvent::new(
-        "ConfigurationError",
-        error.to_string(),
-        json!({ "field": error.field }),
-    ))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,19 +231,42 @@ mod tests {
     #[test]
     fn settings_prefer_the_typed_model_and_parse_numbers_or_text() {
         let s = settings(&json!({"model": "gpt-4o", "customModel": "my-ft", "requestTimeout": "1.5", "maxRetries": 0})).unwrap();
-        assert_eq!(s, Settings { model: "my-ft".into(), timeout: Duration::from_millis(1500), max_retries: 0 });
-        let s = settings(&json!({"model": "gpt-4o", "customModel": "", "requestTimeout": 30})).unwrap();
-        assert_eq!((s.model.as_str(), s.timeout, s.max_retries), ("gpt-4o", Duration::from_secs(30), 2));
-        assert_eq!(settings(&json!({"model": "m"})).unwrap().timeout, DEFAULT_TIMEOUT);
+        assert_eq!(
+            s,
+            Settings {
+                model: "my-ft".into(),
+                timeout: Duration::from_millis(1500),
+                max_retries: 0
+            }
+        );
+        let s =
+            settings(&json!({"model": "gpt-4o", "customModel": "", "requestTimeout": 30})).unwrap();
+        assert_eq!(
+            (s.model.as_str(), s.timeout, s.max_retries),
+            ("gpt-4o", Duration::from_secs(30), 2)
+        );
+        assert_eq!(
+            settings(&json!({"model": "m"})).unwrap().timeout,
+            DEFAULT_TIMEOUT
+        );
     }
 
     #[test]
     fn bad_settings_name_their_field() {
         for (cfg, field) in [
             (json!({}), "model"),
-            (json!({"model": "m", "requestTimeout": "soon"}), "requestTimeout"),
-            (json!({"model": "m", "requestTimeout": "0"}), "requestTimeout"),
-            (json!({"model": "m", "requestTimeout": "-5"}), "requestTimeout"),
+            (
+                json!({"model": "m", "requestTimeout": "soon"}),
+                "requestTimeout",
+            ),
+            (
+                json!({"model": "m", "requestTimeout": "0"}),
+                "requestTimeout",
+            ),
+            (
+                json!({"model": "m", "requestTimeout": "-5"}),
+                "requestTimeout",
+            ),
             (json!({"model": "m", "maxRetries": "11"}), "maxRetries"),
             (json!({"model": "m", "maxRetries": "1.5"}), "maxRetries"),
         ] {
@@ -236,7 +276,10 @@ mod tests {
 
     #[test]
     fn only_fields_the_user_set_are_sent() {
-        let body = validate(&json!({"messages": [{"role": "user", "content": "hi"}], "temperature": null})).unwrap();
+        let body = validate(
+            &json!({"messages": [{"role": "user", "content": "hi"}], "temperature": null}),
+        )
+        .unwrap();
         assert_eq!(
             build_request("gpt-4o", body),
             json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]})
@@ -247,12 +290,22 @@ mod tests {
     fn streamed_requests_ask_for_usage_without_overriding_the_user() {
         let body = |extra: Value| {
             let mut b = json!({"messages": [{"role": "user", "content": "hi"}], "stream": true});
-            b.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            b.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
             validate(&b).unwrap()
         };
-        assert_eq!(build_request("m", body(json!({})))["stream_options"], json!({"include_usage": true}));
         assert_eq!(
-            build_request("m", body(json!({"stream_options": {"include_usage": false, "include_obfuscation": false}})))["stream_options"],
+            build_request("m", body(json!({})))["stream_options"],
+            json!({"include_usage": true})
+        );
+        assert_eq!(
+            build_request(
+                "m",
+                body(
+                    json!({"stream_options": {"include_usage": false, "include_obfuscation": false}})
+                )
+            )["stream_options"],
             json!({"include_usage": false, "include_obfuscation": false})
         );
     }
@@ -267,9 +320,16 @@ mod tests {
             request_id: Some("req_1".into()),
         };
         let message = output(completion.clone(), true);
-        assert_eq!(message.body["choices"][0]["message"]["parsed"], json!({"a": 1}));
-        assert!(message.body["choices"][1]["message"].get("parsed").is_none());
+        assert_eq!(
+            message.body["choices"][0]["message"]["parsed"],
+            json!({"a": 1})
+        );
+        assert!(message.body["choices"][1]["message"]
+            .get("parsed")
+            .is_none());
         assert_eq!(message.headers["openaiRequestId"], "req_1");
-        assert!(output(completion, false).body["choices"][0]["message"].get("parsed").is_none());
+        assert!(output(completion, false).body["choices"][0]["message"]
+            .get("parsed")
+            .is_none());
     }
 }

@@ -28,7 +28,12 @@ pub fn check(component: &Component) -> Vec<String> {
     let mut problems = Vec::new();
     let manifest = &component.manifest;
     for (name, field) in &manifest.credentials.fields {
-        check_field(&format!("credentials.fields.{name}"), field, None, &mut problems);
+        check_field(
+            &format!("credentials.fields.{name}"),
+            field,
+            None,
+            &mut problems,
+        );
     }
     for key in credentials::CFG_KEYS {
         if !manifest.credentials.fields.contains_key(*key) {
@@ -44,7 +49,12 @@ pub fn check(component: &Component) -> Vec<String> {
             continue;
         };
         for (field_name, field) in &action.fields {
-            check_field(&format!("{at}.fields.{field_name}"), field, Some(def), &mut problems);
+            check_field(
+                &format!("{at}.fields.{field_name}"),
+                field,
+                Some(def),
+                &mut problems,
+            );
         }
         for key in def.cfg_keys {
             if !action.fields.contains_key(*key) {
@@ -139,7 +149,10 @@ mod tests {
             "metadata file ./nope.json is not compiled into the binary",
             "declares no Out metadata",
         ] {
-            assert!(problems.contains(expected), "missing {expected:?} in:\n{problems}");
+            assert!(
+                problems.contains(expected),
+                "missing {expected:?} in:\n{problems}"
+            );
         }
     }
 }

@@ -118,7 +118,8 @@ mod tests {
 
     #[test]
     fn a_standard_required_array_is_kept_and_explicit_text_wins() {
-        let schema = json!({"required": ["a"], "description": "own", "help": {"description": "ui"}});
+        let schema =
+            json!({"required": ["a"], "description": "own", "help": {"description": "ui"}});
         assert_eq!(
             to_json_schema(&schema),
             json!({"required": ["a"], "description": "own"})

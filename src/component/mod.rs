@@ -164,7 +164,9 @@ pub fn compiled(action: &'static str, direction: Direction) -> &'static validate
         OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
     let key = (action, direction == Direction::In);
-    let mut map = cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut map = cache
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     map.entry(key).or_insert_with(|| {
         let schema = Component::embedded()
             .schema(action, direction)

@@ -41,7 +41,11 @@ impl Schema {
         if self.validator.is_valid(instance) {
             return Ok(());
         }
-        let mut found: Vec<Violation> = self.validator.iter_errors(instance).map(|e| describe(&e)).collect();
+        let mut found: Vec<Violation> = self
+            .validator
+            .iter_errors(instance)
+            .map(|e| describe(&e))
+            .collect();
         found.sort_by(|a, b| a.pointer.cmp(&b.pointer));
         found.dedup();
         Err(Violations(found))
@@ -116,7 +120,11 @@ fn json_type(value: &Value) -> &'static str {
 
 fn list(options: &Value) -> String {
     match options.as_array() {
-        Some(items) => items.iter().map(Value::to_string).collect::<Vec<_>>().join(", "),
+        Some(items) => items
+            .iter()
+            .map(Value::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
         None => options.to_string(),
     }
 }
@@ -130,7 +138,11 @@ impl fmt::Display for Violations {
             if n == 1 { "" } else { "s" }
         )?;
         for v in &self.0 {
-            let at = if v.pointer.is_empty() { "(body)" } else { &v.pointer };
+            let at = if v.pointer.is_empty() {
+                "(body)"
+            } else {
+                &v.pointer
+            };
             write!(f, "\n  {at}: expected {}", v.expected)?;
         }
         Ok(())
@@ -181,20 +193,30 @@ mod tests {
         assert_eq!(
             err.0,
             vec![
-                Violation { pointer: "/messages".into(), expected: "a value: this field is required".into() },
-                Violation { pointer: "/temperature".into(), expected: "a number <= 2".into() },
+                Violation {
+                    pointer: "/messages".into(),
+                    expected: "a value: this field is required".into()
+                },
+                Violation {
+                    pointer: "/temperature".into(),
+                    expected: "a number <= 2".into()
+                },
             ]
         );
     }
 
     #[test]
     fn never_echoes_the_offending_value() {
-        let err = schema().check(&json!({"messages": "my secret diary"})).unwrap_err();
+        let err = schema()
+            .check(&json!({"messages": "my secret diary"}))
+            .unwrap_err();
         assert!(!err.to_string().contains("diary"), "{err}");
     }
 
     #[test]
     fn valid_input_passes() {
-        assert!(schema().check(&json!({"messages": [{"role": "user"}]})).is_ok());
+        assert!(schema()
+            .check(&json!({"messages": [{"role": "user"}]}))
+            .is_ok());
     }
 }

@@ -133,13 +133,15 @@ impl OpenAi {
                 .get(&url)
                 .headers(credentials.headers().clone())
                 .timeout(options.timeout);
-            let response = success(credentials, within(options.timeout, builder.send()).await?).await?;
+            let response =
+                success(credentials, within(options.timeout, builder.send()).await?).await?;
             let request_id = request_id(response.headers());
             let bytes = response.bytes().await.map_err(transport)?;
-            let list: Value = serde_json::from_slice(&bytes).map_err(|e| CallError::InvalidResponse {
-                detail: format!("the model list is not JSON ({e})"),
-                request_id: request_id.clone(),
-            })?;
+            let list: Value =
+                serde_json::from_slice(&bytes).map_err(|e| CallError::InvalidResponse {
+                    detail: format!("the model list is not JSON ({e})"),
+                    request_id: request_id.clone(),
+                })?;
             let data = list.get("data").and_then(Value::as_array).ok_or_else(|| {
                 CallError::InvalidResponse {
                     detail: "the model list has no `data` array".into(),
@@ -156,7 +158,11 @@ impl OpenAi {
 }
 
 /// Runs `attempt` until it succeeds or the policy gives up.
-async fn with_retries<T, F, Fut>(policy: &RetryPolicy, what: &str, mut attempt: F) -> Result<T, CallError>
+async fn with_retries<T, F, Fut>(
+    policy: &RetryPolicy,
+    what: &str,
+    mut attempt: F,
+) -> Result<T, CallError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, CallError>>,
@@ -236,7 +242,7 @@ async fn success(credentials: &Credentials, response: Response) -> Result<Respon
     error.request_id = request_id(&headers);
     error.should_retry = retry::should_retry(&headers);
     error.retry_after = retry::retry_after(&headers);
-    Err(CallError::Api(error))
+    Err(CallError::Api(Box::new(error)))
 }
 
 fn request_id(headers: &HeaderMap) -> Option<String> {
@@ -253,8 +259,8 @@ pub fn parse_completion(bytes: &[u8], request_id: &Option<String>) -> Result<Val
         detail,
         request_id: request_id.clone(),
     };
-    let mut body: Value =
-        serde_json::from_slice(bytes).map_err(|e| invalid(format!("the body is not JSON ({e})")))?;
+    let mut body: Value = serde_json::from_slice(bytes)
+        .map_err(|e| invalid(format!("the body is not JSON ({e})")))?;
     let Some(object) = body.as_object_mut() else {
         return Err(invalid("the body is not a JSON object".into()));
     };
@@ -294,7 +300,9 @@ async fn read_stream(
         let event = match next {
             None => break,
             Some(Ok(event)) => event,
-            Some(Err(eventsource_stream::EventStreamError::Transport(e))) => return Err(transport(e)),
+            Some(Err(eventsource_stream::EventStreamError::Transport(e))) => {
+                return Err(transport(e))
+            }
             Some(Err(e)) => {
                 return Err(CallError::InvalidResponse {
                     detail: format!("the event stream is malformed ({e})"),
@@ -320,7 +328,7 @@ async fn read_stream(
             let mut api: ApiError = parse_error_body(200, &body);
             api.message = credentials.scrub(&api.message);
             api.request_id = request_id.clone();
-            return Err(CallError::Api(api));
+            return Err(CallError::Api(Box::new(api)));
         }
         aggregate.push(&chunk);
     }

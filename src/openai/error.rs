@@ -12,7 +12,7 @@ use crate::emit::ErrorEvent;
 pub enum CallError {
     /// The server answered with an error (an HTTP status, or an error event inside a stream).
     #[error("{0}")]
-    Api(ApiError),
+    Api(Box<ApiError>),
     /// No usable answer arrived: the connection failed, was cut, or timed out.
     #[error("{kind}: {detail}")]
     Transport { kind: TransportKind, detail: String },
@@ -248,26 +248,41 @@ mod tests {
         assert!(e.is_insufficient_quota());
         assert_eq!(e.message, "You exceeded your current quota");
         assert_eq!(e.param, None);
-        assert_eq!(parse_error_body(400, br#"{"detail":"bad model"}"#).message, "bad model");
-        assert_eq!(parse_error_body(400, br#"{"error":"nope"}"#).message, "nope");
-        assert_eq!(parse_error_body(502, b"Bad Gateway\n").message, "Bad Gateway");
-        assert_eq!(parse_error_body(502, b"").message, "no error details in the response");
+        assert_eq!(
+            parse_error_body(400, br#"{"detail":"bad model"}"#).message,
+            "bad model"
+        );
+        assert_eq!(
+            parse_error_body(400, br#"{"error":"nope"}"#).message,
+            "nope"
+        );
+        assert_eq!(
+            parse_error_body(502, b"Bad Gateway\n").message,
+            "Bad Gateway"
+        );
+        assert_eq!(
+            parse_error_body(502, b"").message,
+            "no error details in the response"
+        );
     }
 
     #[test]
     fn transient_means_rate_limit_server_trouble_or_unreachable() {
         let api = |status, code: Option<&str>| {
-            CallError::Api(ApiError {
+            CallError::Api(Box::new(ApiError {
                 code: code.map(str::to_string),
                 ..parse_error_body(status, b"{}")
-            })
+            }))
         };
         assert!(api(429, Some("rate_limit_exceeded")).is_transient());
         assert!(api(503, None).is_transient());
         assert!(!api(429, Some("insufficient_quota")).is_transient());
         assert!(!api(400, None).is_transient());
         assert!(!api(401, None).is_transient());
-        let transport = |kind| CallError::Transport { kind, detail: String::new() };
+        let transport = |kind| CallError::Transport {
+            kind,
+            detail: String::new(),
+        };
         assert!(transport(TransportKind::Connect).is_transient());
         assert!(!transport(TransportKind::Timeout).is_transient());
     }

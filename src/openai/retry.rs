@@ -95,7 +95,12 @@ pub fn should_retry(headers: &HeaderMap) -> Option<bool> {
 /// Reads `retry-after-ms` (milliseconds), then `retry-after` (seconds, fractional allowed, or an
 /// HTTP date).
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+    let get = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
     if let Some(ms) = get("retry-after-ms").and_then(|v| v.parse::<f64>().ok()) {
         if ms.is_finite() && ms >= 0.0 {
             return Some(Duration::from_secs_f64(ms / 1000.0));
@@ -118,16 +123,24 @@ mod tests {
     use crate::openai::error::{parse_error_body, TransportKind};
     use reqwest::header::HeaderValue;
 
-    fn api(status: u16, code: Option<&str>, retry_after: Option<u64>, should: Option<bool>) -> CallError {
+    fn api(
+        status: u16,
+        code: Option<&str>,
+        retry_after: Option<u64>,
+        should: Option<bool>,
+    ) -> CallError {
         let mut e = parse_error_body(status, b"{}");
         e.code = code.map(str::to_string);
         e.retry_after = retry_after.map(Duration::from_secs);
         e.should_retry = should;
-        CallError::Api(e)
+        CallError::Api(Box::new(e))
     }
 
     fn retries(error: &CallError) -> bool {
-        matches!(RetryPolicy::default().decide(0, error), Decision::RetryAfter(_))
+        matches!(
+            RetryPolicy::default().decide(0, error),
+            Decision::RetryAfter(_)
+        )
     }
 
     #[test]
@@ -139,22 +152,39 @@ mod tests {
             assert!(!retries(&api(status, None, None, None)), "{status}");
         }
         assert!(!retries(&api(429, Some("insufficient_quota"), None, None)));
-        assert!(retries(&CallError::Transport { kind: TransportKind::Connect, detail: String::new() }));
-        assert!(!retries(&CallError::InvalidResponse { detail: String::new(), request_id: None }));
+        assert!(retries(&CallError::Transport {
+            kind: TransportKind::Connect,
+            detail: String::new()
+        }));
+        assert!(!retries(&CallError::InvalidResponse {
+            detail: String::new(),
+            request_id: None
+        }));
     }
 
     #[test]
     fn x_should_retry_overrides_the_status_but_not_quota() {
         assert!(!retries(&api(500, None, None, Some(false))));
         assert!(retries(&api(400, None, None, Some(true))));
-        assert!(!retries(&api(429, Some("insufficient_quota"), None, Some(true))));
+        assert!(!retries(&api(
+            429,
+            Some("insufficient_quota"),
+            None,
+            Some(true)
+        )));
     }
 
     #[test]
     fn honours_retry_after_up_to_the_cap() {
         let policy = RetryPolicy::default();
-        assert_eq!(policy.decide(0, &api(429, None, Some(7), None)), Decision::RetryAfter(Duration::from_secs(7)));
-        assert_eq!(policy.decide(0, &api(429, None, Some(121), None)), Decision::GiveUp);
+        assert_eq!(
+            policy.decide(0, &api(429, None, Some(7), None)),
+            Decision::RetryAfter(Duration::from_secs(7))
+        );
+        assert_eq!(
+            policy.decide(0, &api(429, None, Some(121), None)),
+            Decision::GiveUp
+        );
     }
 
     #[test]
@@ -162,8 +192,13 @@ mod tests {
         let policy = RetryPolicy::default();
         let err = api(500, None, None, None);
         for (n, full) in [(0, 500), (1, 1000), (2, 2000), (5, 8000)] {
-            let policy = RetryPolicy { max_retries: 10, ..policy.clone() };
-            let Decision::RetryAfter(d) = policy.decide(n, &err) else { panic!() };
+            let policy = RetryPolicy {
+                max_retries: 10,
+                ..policy.clone()
+            };
+            let Decision::RetryAfter(d) = policy.decide(n, &err) else {
+                panic!()
+            };
             let full = Duration::from_millis(full);
             assert!(d <= full && d >= full.mul_f64(0.75), "{n}: {d:?}");
         }
@@ -178,7 +213,10 @@ mod tests {
         h.insert("retry-after-ms", HeaderValue::from_static("20"));
         assert_eq!(retry_after(&h), Some(Duration::from_millis(20)));
         let mut h = HeaderMap::new();
-        h.insert("retry-after", HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"));
+        h.insert(
+            "retry-after",
+            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
         assert_eq!(retry_after(&h), Some(Duration::ZERO));
         h.insert("retry-after", HeaderValue::from_static("soon"));
         assert_eq!(retry_after(&h), None);

@@ -10,7 +10,13 @@ use std::collections::BTreeMap;
 use serde_json::{json, Map, Value};
 
 /// Header fields copied from the chunks to the completion (last non-null wins).
-const HEAD: &[&str] = &["id", "created", "model", "system_fingerprint", "service_tier"];
+const HEAD: &[&str] = &[
+    "id",
+    "created",
+    "model",
+    "system_fingerprint",
+    "service_tier",
+];
 
 /// The completion so far.
 #[derive(Debug, Default)]
@@ -49,12 +55,18 @@ impl Aggregate {
                 self.head.insert(key.to_string(), v.clone());
             }
         }
-        if let Some(usage) = chunk.get("usage").filter(|u| u.as_object().is_some_and(|u| !u.is_empty())) {
+        if let Some(usage) = chunk
+            .get("usage")
+            .filter(|u| u.as_object().is_some_and(|u| !u.is_empty()))
+        {
             self.usage = Some(usage.clone());
         }
         let choices = chunk.get("choices").and_then(Value::as_array);
         for (position, c) in choices.into_iter().flatten().enumerate() {
-            let index = c.get("index").and_then(Value::as_u64).unwrap_or(position as u64);
+            let index = c
+                .get("index")
+                .and_then(Value::as_u64)
+                .unwrap_or(position as u64);
             let choice = self.choices.entry(index).or_default();
             if let Some(delta) = c.get("delta") {
                 choice.apply(delta);
@@ -63,7 +75,9 @@ impl Aggregate {
                 let acc = choice.logprobs.get_or_insert_with(Map::new);
                 for (key, value) in logprobs {
                     match (acc.get_mut(key), value) {
-                        (Some(Value::Array(have)), Value::Array(more)) => have.extend(more.iter().cloned()),
+                        (Some(Value::Array(have)), Value::Array(more)) => {
+                            have.extend(more.iter().cloned())
+                        }
                         _ => {
                             acc.insert(key.clone(), value.clone());
                         }
@@ -106,10 +120,14 @@ impl Choice {
             self.role = Some(role.to_string());
         }
         if let Some(content) = text("content") {
-            self.content.get_or_insert_with(String::new).push_str(content);
+            self.content
+                .get_or_insert_with(String::new)
+                .push_str(content);
         }
         if let Some(refusal) = text("refusal") {
-            self.refusal.get_or_insert_with(String::new).push_str(refusal);
+            self.refusal
+                .get_or_insert_with(String::new)
+                .push_str(refusal);
         }
         if let Some(items) = delta.get("annotations").and_then(Value::as_array) {
             self.annotations.extend(items.iter().cloned());
@@ -121,7 +139,10 @@ impl Choice {
             .flatten()
             .enumerate()
         {
-            let index = fragment.get("index").and_then(Value::as_u64).unwrap_or(position as u64);
+            let index = fragment
+                .get("index")
+                .and_then(Value::as_u64)
+                .unwrap_or(position as u64);
             let call = self.tool_calls.entry(index).or_default();
             if let Some(id) = fragment.get("id").and_then(Value::as_str) {
                 call.id = Some(id.to_string());
@@ -154,7 +175,7 @@ impl Choice {
         // Streams open with `content: ""`; a plain tool-call answer has `content: null`.
         let content = self
             .content
-            .filter(|c| !(c.is_empty() && !self.tool_calls.is_empty()));
+            .filter(|c| !c.is_empty() || self.tool_calls.is_empty());
         let mut message = json!({
             "role": self.role.unwrap_or_else(|| "assistant".into()),
             "content": content,
@@ -198,13 +219,17 @@ mod tests {
     #[test]
     fn assembles_content_and_tool_calls_per_index() {
         let mut agg = Aggregate::default();
-        agg.push(&chunk(json!([{"index": 0, "delta": {"role": "assistant", "content": ""}}])));
+        agg.push(&chunk(
+            json!([{"index": 0, "delta": {"role": "assistant", "content": ""}}]),
+        ));
         agg.push(&chunk(json!([{"index": 1, "delta": {"role": "assistant", "content": "", "tool_calls": [
             {"index": 0, "id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": ""}}
         ]}}])));
         agg.push(&chunk(json!([{"index": 0, "delta": {"content": "Hel"}}])));
         agg.push(&chunk(json!([{"index": 1, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{\"q\":"}}]}}])));
-        agg.push(&chunk(json!([{"index": 0, "delta": {"content": "lo"}, "finish_reason": "stop"}])));
+        agg.push(&chunk(
+            json!([{"index": 0, "delta": {"content": "lo"}, "finish_reason": "stop"}]),
+        ));
         agg.push(&chunk(json!([{"index": 1, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "1}"}}]}, "finish_reason": "tool_calls"}])));
         assert!(agg.is_complete());
         agg.push(&json!({"id": "c1", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}));
@@ -241,7 +266,9 @@ mod tests {
     fn an_unfinished_stream_is_not_complete() {
         let mut agg = Aggregate::default();
         assert!(!agg.is_complete());
-        agg.push(&chunk(json!([{"index": 0, "delta": {"content": "partial"}}])));
+        agg.push(&chunk(
+            json!([{"index": 0, "delta": {"content": "partial"}}]),
+        ));
         assert!(!agg.is_complete());
     }
 }
