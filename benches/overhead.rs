@@ -40,11 +40,51 @@ struct Case {
 // ---------------------------------------------------------------------------------------------
 
 const WORDS: &[&str] = &[
-    "the", "invoice", "customer", "order", "shipment", "was", "delayed", "because", "warehouse",
-    "in", "Rotterdam", "reported", "a", "missing", "pallet", "and", "please", "summarise",
-    "status", "for", "account", "manager", "with", "next", "steps", "including", "refund",
-    "options", "\"priority\"", "SLA", "of", "48", "hours", "—", "über", "contract", "clause",
-    "7.2", "applies", "to", "all", "EU", "deliveries", "after", "2024-03-01",
+    "the",
+    "invoice",
+    "customer",
+    "order",
+    "shipment",
+    "was",
+    "delayed",
+    "because",
+    "warehouse",
+    "in",
+    "Rotterdam",
+    "reported",
+    "a",
+    "missing",
+    "pallet",
+    "and",
+    "please",
+    "summarise",
+    "status",
+    "for",
+    "account",
+    "manager",
+    "with",
+    "next",
+    "steps",
+    "including",
+    "refund",
+    "options",
+    "\"priority\"",
+    "SLA",
+    "of",
+    "48",
+    "hours",
+    "—",
+    "über",
+    "contract",
+    "clause",
+    "7.2",
+    "applies",
+    "to",
+    "all",
+    "EU",
+    "deliveries",
+    "after",
+    "2024-03-01",
 ];
 
 /// Deterministic prose of exactly `len` bytes: words, punctuation, quotes, a few non-ASCII
@@ -186,7 +226,11 @@ fn sized(what: &str, target: usize, build: impl Fn(usize) -> Value) -> Vec<u8> {
     let fill = (100.0 + (target as f64 - at_100) / per_fill).max(0.0) as usize;
     let bytes = serde_json::to_vec(&build(fill)).unwrap();
     let off = bytes.len() as f64 / target as f64 - 1.0;
-    assert!(off.abs() <= 0.10, "{what} is {} bytes, not within 10% of {target}", bytes.len());
+    assert!(
+        off.abs() <= 0.10,
+        "{what} is {} bytes, not within 10% of {target}",
+        bytes.len()
+    );
     bytes
 }
 
@@ -222,7 +266,7 @@ fn cfg() -> Value {
 fn pipeline(ctx: &Context<'_>, cfg: &Value, input: &[u8], response: &[u8]) -> (Vec<u8>, Vec<u8>) {
     let value: Value = serde_json::from_slice(input).expect("the input is JSON");
     let msg = Message::from_json(value).expect("the input is a message");
-    let prepared = match send_request::prepare(ctx, cfg, &msg) {
+    let prepared = match send_request::prepare(ctx, cfg, msg) {
         Ok(prepared) => prepared,
         Err(outcome) => panic!("prepare failed: {outcome:?}"),
     };
@@ -264,17 +308,31 @@ fn bench(c: &mut Criterion, cases: &[Case]) {
             event["message"]["body"]["choices"][0]["message"]["parsed"].is_object(),
             "the JSON content is given parsed"
         );
-        assert!(request.len() < case.input.len(), "the request is the body only");
+        assert!(
+            request.len() < case.input.len(),
+            "the request is the body only"
+        );
 
         let msg = Message::from_json(serde_json::from_slice(&case.input).unwrap()).unwrap();
         group.bench_function(BenchmarkId::new("pipeline", case.label), |b| {
-            b.iter(|| pipeline(&ctx, &cfg, black_box(&case.input), black_box(&case.response)))
+            b.iter(|| {
+                pipeline(
+                    &ctx,
+                    &cfg,
+                    black_box(&case.input),
+                    black_box(&case.response),
+                )
+            })
         });
         group.bench_function(BenchmarkId::new("baseline", case.label), |b| {
             b.iter(|| baseline(black_box(&case.input), black_box(&case.response)))
         });
         group.bench_function(BenchmarkId::new("validate", case.label), |b| {
-            b.iter(|| send_request::validate(black_box(&msg.body)).expect("valid"))
+            b.iter_batched(
+                || msg.body.clone(),
+                |body| send_request::validate(black_box(body)).expect("valid"),
+                criterion::BatchSize::SmallInput,
+            )
         });
     }
     group.finish();
@@ -305,7 +363,12 @@ fn benchmark_mode() -> bool {
 
 /// The median in ns of `<function>/<label>`, if this run saved it.
 fn median_ns(dir: &std::path::Path, function: &str, label: &str, since: SystemTime) -> Option<f64> {
-    let path = dir.join(GROUP).join(function).join(label).join("new").join("estimates.json");
+    let path = dir
+        .join(GROUP)
+        .join(function)
+        .join(label)
+        .join("new")
+        .join("estimates.json");
     let fresh = std::fs::metadata(&path).ok()?.modified().ok()? >= since;
     if !fresh {
         return None;
@@ -350,7 +413,10 @@ fn print_table(cases: &[Case], since: SystemTime) {
         }
     }
     if rows.is_empty() {
-        eprintln!("overhead: no fresh results under {}; table skipped", dir.display());
+        eprintln!(
+            "overhead: no fresh results under {}; table skipped",
+            dir.display()
+        );
         return;
     }
     println!();

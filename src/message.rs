@@ -39,14 +39,40 @@ impl Message {
     /// Reads a message given either in full (`{"body": ...}`) or as a bare body.
     ///
     /// A chat request never has a top-level `body` key, so the two forms cannot be confused.
-    pub fn from_json(value: Value) -> Result<Self, serde_json::Error> {
-        match value {
-            Value::Object(ref map) if map.contains_key("body") => serde_json::from_value(value),
-            body => Ok(Message {
-                body,
-                ..Message::default()
-            }),
-        }
+    /// Fields are moved out of the parsed value rather than deserialized again: re-building a
+    /// large body through `serde_json::from_value` was the biggest avoidable per-message cost.
+    pub fn from_json(value: Value) -> Result<Self, String> {
+        let mut map = match value {
+            Value::Object(map) if map.contains_key("body") => map,
+            body => {
+                return Ok(Message {
+                    body,
+                    ..Message::default()
+                })
+            }
+        };
+        let mut object = |key: &str| match map.remove(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Object(o)) => Ok(Some(o)),
+            Some(_) => Err(format!("the message's `{key}` must be an object")),
+        };
+        let headers = object("headers")?.unwrap_or_default();
+        let attachments = object("attachments")?.unwrap_or_default();
+        let metadata = object("metadata")?.unwrap_or_default();
+        let passthrough = object("passthrough")?;
+        let id = match map.remove("id") {
+            None | Some(Value::Null) => String::new(),
+            Some(Value::String(id)) => id,
+            Some(other) => other.to_string(),
+        };
+        Ok(Message {
+            id,
+            body: map.remove("body").unwrap_or_default(),
+            headers,
+            attachments,
+            metadata,
+            passthrough,
+        })
     }
 }
 
@@ -57,9 +83,18 @@ mod tests {
 
     #[test]
     fn accepts_a_full_message_or_a_bare_body() {
-        let full = Message::from_json(json!({"id": "m1", "body": {"a": 1}})).unwrap();
+        let full = Message::from_json(
+            json!({"id": "m1", "body": {"a": 1}, "headers": {"h": "v"}, "passthrough": {"s": {}}}),
+        )
+        .unwrap();
         assert_eq!(full.id, "m1");
         assert_eq!(full.body, json!({"a": 1}));
+        assert_eq!(full.headers["h"], "v");
+        assert!(full.passthrough.unwrap().contains_key("s"));
+        assert_eq!(
+            Message::from_json(json!({"body": {}, "headers": []})).unwrap_err(),
+            "the message's `headers` must be an object"
+        );
         let bare = Message::from_json(json!({"messages": []})).unwrap();
         assert_eq!(bare.body, json!({"messages": []}));
     }

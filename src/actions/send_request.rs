@@ -53,7 +53,7 @@ pub struct Prepared {
 
 /// Runs the whole action on one message.
 pub async fn process(ctx: &Context<'_>, cfg: &Value, msg: Message) -> Outcome {
-    let prepared = match prepare(ctx, cfg, &msg) {
+    let prepared = match prepare(ctx, cfg, msg) {
         Ok(prepared) => prepared,
         Err(error) => return Outcome::Error(error),
     };
@@ -91,8 +91,8 @@ pub async fn process(ctx: &Context<'_>, cfg: &Value, msg: Message) -> Outcome {
 }
 
 /// Validate, resolve and build: everything before the network. A failure is the error to emit.
-pub fn prepare(ctx: &Context<'_>, cfg: &Value, msg: &Message) -> Result<Prepared, ErrorEvent> {
-    let body = validate(&msg.body).map_err(|v| violations_event(&v))?;
+pub fn prepare(ctx: &Context<'_>, cfg: &Value, msg: Message) -> Result<Prepared, ErrorEvent> {
+    let body = validate(msg.body).map_err(|v| violations_event(&v))?;
     let credentials = credentials::resolve(cfg, ctx.env).map_err(|e| e.to_event())?;
     let settings = settings(cfg).map_err(|e| e.to_event())?;
     let wants_json = matches!(
@@ -118,16 +118,10 @@ pub fn prepare(ctx: &Context<'_>, cfg: &Value, msg: &Message) -> Result<Prepared
 
 /// Checks the body against the input schema. Top-level `null`s count as unset (a mapper leaves
 /// them for unmapped fields) and are dropped, so only what the user set is sent.
-pub fn validate(body: &Value) -> Result<Map<String, Value>, Violations> {
-    let body = match body {
-        Value::Object(map) => Value::Object(
-            map.iter()
-                .filter(|(_, v)| !v.is_null())
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-        ),
-        other => other.clone(),
-    };
+pub fn validate(mut body: Value) -> Result<Map<String, Value>, Violations> {
+    if let Value::Object(map) = &mut body {
+        map.retain(|_, v| !v.is_null());
+    }
     component::compiled(DEF.name, Direction::In).check(&body)?;
     match body {
         Value::Object(map) => Ok(map),
@@ -276,10 +270,9 @@ mod tests {
 
     #[test]
     fn only_fields_the_user_set_are_sent() {
-        let body = validate(
-            &json!({"messages": [{"role": "user", "content": "hi"}], "temperature": null}),
-        )
-        .unwrap();
+        let body =
+            validate(json!({"messages": [{"role": "user", "content": "hi"}], "temperature": null}))
+                .unwrap();
         assert_eq!(
             build_request("gpt-4o", body),
             json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]})
@@ -293,7 +286,7 @@ mod tests {
             b.as_object_mut()
                 .unwrap()
                 .extend(extra.as_object().unwrap().clone());
-            validate(&b).unwrap()
+            validate(b).unwrap()
         };
         assert_eq!(
             build_request("m", body(json!({})))["stream_options"],
