@@ -296,6 +296,7 @@ fn bench(c: &mut Criterion, cases: &[Case]) {
         client: OpenAi::shared(),
         env: &env,
         retry: RetryPolicy::default(),
+        storage: Default::default(),
     };
     let cfg = cfg();
 

@@ -18,7 +18,7 @@ pub const CFG_KEYS: &[&str] = &["apiKey", "baseUrl", "project", "authStyle", "ap
 
 /// Looks up an environment variable. Injected so tests and the platform mode decide what the
 /// environment is.
-pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+pub type Env<'a> = &'a (dyn Fn(&str) -> Option<String> + Sync);
 
 /// The process environment.
 pub fn process_env(name: &str) -> Option<String> {

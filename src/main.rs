@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::Value;
+use tokio_util::sync::CancellationToken;
 
 use chatgpt_component::actions::{self, Context};
 use chatgpt_component::component::{check, Component, Direction};
@@ -12,6 +13,7 @@ use chatgpt_component::credentials::process_env;
 use chatgpt_component::emit::Outcome;
 use chatgpt_component::message::Message;
 use chatgpt_component::modes::exec::JsonLines;
+use chatgpt_component::modes::sailor;
 use chatgpt_component::openai::{OpenAi, RetryPolicy};
 use chatgpt_component::services;
 
@@ -62,6 +64,13 @@ enum Command {
         #[arg(long, default_value = "{}")]
         cfg: String,
     },
+    /// Run as an elastic.io platform step: consume from RabbitMQ (configured by ELASTICIO_* env).
+    Sailor,
+    /// Run one platform service call and POST its result to ELASTICIO_POST_RESULT_URL.
+    Service {
+        /// verifyCredentials, getMetaModel or selectModel.
+        method: String,
+    },
     /// Run a select-model function: prints the {value: label} map, sorted.
     SelectModel {
         action: String,
@@ -79,8 +88,12 @@ enum Side {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    init_logging();
     let cli = Cli::parse();
+    match cli.command {
+        Command::Sailor => return sailor_mode().await,
+        Command::Service { method } => return service_mode(&method).await,
+        _ => init_logging(),
+    }
     match run(cli.command).await {
         Ok(code) => code,
         Err(message) => {
@@ -96,6 +109,7 @@ async fn run(command: Command) -> Result<ExitCode, String> {
         client: OpenAi::shared(),
         env: &env,
         retry: RetryPolicy::default(),
+        storage: Default::default(),
     };
     match command {
         Command::Check { dir } => {
@@ -160,6 +174,7 @@ async fn run(command: Command) -> Result<ExitCode, String> {
                 ExitCode::FAILURE
             })
         }
+        Command::Sailor | Command::Service { .. } => unreachable!("handled in main"),
         Command::SelectModel {
             action,
             function,
@@ -178,6 +193,47 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             }
         }
     }
+}
+
+/// Platform mode. Bunyan JSON logs on stdout, as the platform's log collector expects.
+async fn sailor_mode() -> ExitCode {
+    let settings = match sailor::settings::read(&process_env) {
+        Ok(settings) => settings,
+        Err(e) => {
+            eprintln!("chatgpt-component: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    sailor::logging::init(&log_level(), settings.log_context());
+    let shutdown = CancellationToken::new();
+    let trigger = shutdown.clone();
+    tokio::spawn(async move {
+        sailor::signalled().await;
+        trigger.cancel();
+    });
+    match sailor::run(settings, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "the step cannot run");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Platform service call.
+async fn service_mode(method: &str) -> ExitCode {
+    sailor::logging::init(&log_level(), Vec::new());
+    match sailor::service::run(method, &process_env).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "the service result could not be reported");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn log_level() -> String {
+    std::env::var("LOG_LEVEL").unwrap_or_else(|_| "info".into())
 }
 
 /// Reads a JSON argument: inline JSON, `-` for stdin, or a file path.

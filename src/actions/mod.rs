@@ -3,6 +3,7 @@
 //! `run` is what every mode calls: it processes one message with the named action and emits the
 //! outcome followed by `end`. Modes differ only in the [`Emitter`] they pass.
 
+pub mod attachments;
 pub mod send_request;
 
 use serde_json::Value;
@@ -37,6 +38,8 @@ pub struct Context<'a> {
     pub env: Env<'a>,
     /// Backoff settings; `maxRetries` from `cfg` overrides the count.
     pub retry: RetryPolicy,
+    /// The platform's object storage, for attachments (empty outside the platform).
+    pub storage: attachments::Storage,
 }
 
 /// Processes one message and returns how it ended, without emitting anything.

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 
-use super::{ActionDef, Context};
+use super::{attachments, ActionDef, Context};
 use crate::component::validate::Violations;
 use crate::component::{self, Direction};
 use crate::credentials::{self, ConfigError, Credentials};
@@ -52,11 +52,19 @@ pub struct Prepared {
 }
 
 /// Runs the whole action on one message.
-pub async fn process(ctx: &Context<'_>, cfg: &Value, msg: Message) -> Outcome {
-    let prepared = match prepare(ctx, cfg, msg) {
+pub async fn process(ctx: &Context<'_>, cfg: &Value, mut msg: Message) -> Outcome {
+    let attached = std::mem::take(&mut msg.attachments);
+    let mut prepared = match prepare(ctx, cfg, msg) {
         Ok(prepared) => prepared,
         Err(error) => return Outcome::Error(error),
     };
+    if let Some(body) = prepared.request.as_object_mut() {
+        if let Err(error) =
+            attachments::inline(ctx.client.http(), body, &attached, &ctx.storage).await
+        {
+            return Outcome::Error(error);
+        }
+    }
     let model = prepared.request["model"]
         .as_str()
         .unwrap_or_default()

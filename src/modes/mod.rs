@@ -2,3 +2,4 @@
 //! [`actions::run`](crate::actions::run) with an emitter, and delivers what comes out.
 
 pub mod exec;
+pub mod sailor;

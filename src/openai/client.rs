@@ -71,6 +71,11 @@ impl OpenAi {
         OpenAi { http }
     }
 
+    /// The underlying HTTP client, for other calls that should share the pool.
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
     /// The process-wide client: every message shares its pool and warm connections.
     pub fn shared() -> &'static OpenAi {
         static CLIENT: OnceLock<OpenAi> = OnceLock::new();

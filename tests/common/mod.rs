@@ -49,6 +49,7 @@ pub async fn send(cfg: &Value, body: Value) -> Outcome {
         client: &client,
         env: &no_env,
         retry: fast_retry(),
+        storage: Default::default(),
     };
     actions::process(
         "sendRequest",

@@ -1,0 +1,11 @@
+//! Test support for the elastic.io (sailor) mode: a private RabbitMQ node per test or per test
+//! file ([`rabbit`]) and a fake platform HTTP API ([`platform`]).
+//!
+//! Use from an integration test with `mod support;`.
+#![allow(dead_code, unused_imports)]
+
+pub mod platform;
+pub mod rabbit;
+
+pub use platform::Platform;
+pub use rabbit::{free_port, Rabbit, Received, Topology};
