@@ -50,9 +50,10 @@ impl Step {
             .unwrap()
             .extend(config.as_object().unwrap().clone());
         let passthrough = env.iter().any(|(k, _)| *k == "TEST_PASSTHROUGH");
+        // The first step-data request fails with a 500: every step proves the retry.
         platform.set_step(
             json!({"config": cfg, "snapshot": {}, "is_passthrough": passthrough}),
-            0,
+            1,
         );
         let mut command = Command::new(env!("CARGO_BIN_EXE_chatgpt-component"));
         command
@@ -231,6 +232,17 @@ async fn emits_the_completion_with_sailors_exact_headers() {
         .take(&step.topology.error_queue, 1, Duration::from_millis(200))
         .await
         .is_empty());
+    let step_fetches = step
+        .platform
+        .requests()
+        .iter()
+        .filter(|(_, path)| path == "/v1/tasks/flow-1/steps/step_2")
+        .count();
+    assert_eq!(step_fetches, 2, "a 500 on the step data is retried");
+    assert!(
+        !step.log_text().contains("Hello there"),
+        "message bodies are never logged, even at trace"
+    );
     step.finish();
 }
 
@@ -614,4 +626,83 @@ async fn service_mode_posts_results_to_the_platform() {
         .as_str()
         .unwrap()
         .contains("listEverything"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_runtime_publishes_snapshots_and_http_replies_as_sailor_does() {
+    use chatgpt_component::modes::sailor::{
+        amqp::Publisher, delivery, platform::StepData, settings,
+    };
+    use chatgpt_component::openai::OpenAi;
+
+    let rabbit = Rabbit::start().await;
+    let topology = rabbit.declare_topology("flow").await;
+    let vars: std::collections::HashMap<String, String> = [
+        ("FLOW_ID", "flow-1"),
+        ("EXEC_ID", "exec-1"),
+        ("STEP_ID", "step_2"),
+        ("CONTAINER_ID", "c"),
+        ("WORKSPACE_ID", "w"),
+        ("USER_ID", "u"),
+        ("COMP_ID", "comp"),
+        ("FUNCTION", "sendRequest"),
+        ("API_URI", "http://127.0.0.1:1"),
+        ("API_USERNAME", "u"),
+        ("API_KEY", PLATFORM_KEY),
+        ("AMQP_URI", &rabbit.amqp_uri()),
+        ("LISTEN_MESSAGES_ON", &topology.input_queue),
+        ("PUBLISH_MESSAGES_TO", &topology.exchange),
+        ("DATA_ROUTING_KEY", &topology.data_key),
+        ("ERROR_ROUTING_KEY", &topology.error_key),
+        ("REBOUND_ROUTING_KEY", &topology.rebound_key),
+        ("SNAPSHOT_ROUTING_KEY", &topology.snapshot_key),
+        ("MESSAGE_CRYPTO_IV", IV),
+        ("MESSAGE_CRYPTO_PASSWORD", PASSWORD),
+    ]
+    .into_iter()
+    .map(|(k, v)| (format!("ELASTICIO_{k}"), v.to_string()))
+    .collect();
+    let settings = settings::read(&|name| vars.get(name).cloned()).unwrap();
+    let publisher = Publisher::connect(&settings).await.unwrap();
+    let rt = delivery::Runtime::new(
+        settings,
+        StepData::default(),
+        cipher(),
+        publisher,
+        OpenAi::new(),
+    );
+    let outgoing = json!({"messageId": "m-1", "stepId": "step_2"})
+        .as_object()
+        .unwrap()
+        .clone();
+
+    delivery::publish_snapshot(&rt, &outgoing, &json!({"lastId": 7}), false)
+        .await
+        .unwrap();
+    delivery::publish_snapshot(&rt, &outgoing, &json!({"cursor": "c"}), true)
+        .await
+        .unwrap();
+    let snapshots = rabbit.take(&topology.snapshot_queue, 2, WAIT).await;
+    assert_eq!(
+        serde_json::from_slice::<Value>(&snapshots[0].payload).unwrap(),
+        json!({"lastId": 7}),
+        "snapshots are plain JSON"
+    );
+    assert_eq!(snapshots[0].headers["snapshotEvent"], "snapshot");
+    assert_eq!(snapshots[1].headers["snapshotEvent"], "updateSnapshot");
+
+    let reply = json!({"statusCode": 200, "body": {"answer": "hi"}, "headers": {"content-type": "application/json"}});
+    delivery::publish_http_reply(&rt, &outgoing, Some(&topology.reply_key), &reply)
+        .await
+        .unwrap();
+    let replies = rabbit.take(&topology.reply_queue, 1, WAIT).await;
+    assert_eq!(replies[0].headers["protocolVersion"], 1);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&cipher().decode(&replies[0].payload, 1).unwrap()).unwrap(),
+        reply
+    );
+    assert!(delivery::publish_http_reply(&rt, &outgoing, None, &reply)
+        .await
+        .is_err());
+    rt.publisher.close().await;
 }

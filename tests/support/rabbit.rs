@@ -44,8 +44,20 @@ use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use serde_json::{json, Map, Value};
 
-/// The real server script (the `/usr/sbin` one re-executes itself as the `rabbitmq` user).
-const SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
+/// The real server script of the Debian package (the `/usr/sbin` one re-executes itself as the
+/// `rabbitmq` user). `CGC_RABBITMQ_SERVER` overrides it (e.g. a generic-unix or Homebrew
+/// install); if neither exists, `rabbitmq-server` is looked up on `PATH`.
+const DEBIAN_SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
+
+fn server_script() -> String {
+    if let Some(path) = std::env::var_os("CGC_RABBITMQ_SERVER") {
+        return path.to_string_lossy().into_owned();
+    }
+    if Path::new(DEBIAN_SERVER).exists() {
+        return DEBIAN_SERVER.to_string();
+    }
+    "rabbitmq-server".to_string()
+}
 /// How long a node may take to accept AMQP connections.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long an orderly stop may take before the process group is killed.
@@ -126,7 +138,10 @@ pub struct Rabbit {
 }
 
 impl Rabbit {
-    /// Starts a private node and waits (up to 60 s) until it accepts AMQP connections.
+    /// Starts a private node and waits (up to 60 s) until it is ready: its log reports the
+    /// listener on its port and "Server startup complete", and an AMQP connection succeeds.
+    /// Typically 4–7 s. If the node exits during start-up (e.g. a port was taken meanwhile),
+    /// it is retried with fresh ports, up to 3 times.
     ///
     /// Panics with the log paths (and their tails) if it cannot start.
     pub async fn start() -> Rabbit {
@@ -278,6 +293,9 @@ impl Rabbit {
             (config.ports, config.node.clone())
         };
         self.write_config(ports);
+        let log_offset = std::fs::metadata(self.log_path())
+            .map(|m| m.len())
+            .unwrap_or(0);
         let console = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -319,7 +337,18 @@ impl Rabbit {
                 epmd_kill(ports.epmd);
                 return Err(Failure::Exited(format!("watchdog {status}")));
             }
-            if port_open(ports.amqp) {
+            // Only this launch's part of the log counts; it tells our node apart from anything
+            // else that might have grabbed the port.
+            let log = read_from(&self.log_path(), log_offset);
+            if log.contains("BOOT FAILED") {
+                let process = self.process.lock().unwrap().take();
+                if let Some(process) = process {
+                    self.kill_process(process);
+                }
+                return Err(Failure::Exited("BOOT FAILED".into()));
+            }
+            let listening = format!("started TCP listener on 127.0.0.1:{}", ports.amqp);
+            if log.contains(&listening) && log.contains("Server startup complete") {
                 let attempt = tokio::time::timeout(
                     Duration::from_secs(5),
                     Connection::connect(&uri, ConnectionProperties::default()),
@@ -849,13 +878,15 @@ fn node_env(dir: &str, ports: Ports, node: &str) -> Vec<(String, String)> {
     let vars = [
         (
             "PATH",
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+            std::env::var("PATH").unwrap_or_else(|_| {
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string()
+            }),
         ),
         ("LANG", "C.UTF-8".to_string()),
         ("LC_ALL", "C.UTF-8".to_string()),
         ("HOME", dir.to_string()),
         ("CGC_DIR", dir.to_string()),
-        ("CGC_SERVER", SERVER.to_string()),
+        ("CGC_SERVER", server_script()),
         ("RABBITMQ_NODENAME", node.to_string()),
         ("RABBITMQ_USE_LONGNAME", "false".to_string()),
         ("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1".to_string()),
@@ -931,6 +962,17 @@ fn epmd_kill(port: u16) {
 fn port_open(port: u16) -> bool {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+}
+
+/// A file's content from byte `offset` on (empty if it cannot be read).
+fn read_from(path: &Path, offset: u64) -> String {
+    let Ok(bytes) = std::fs::read(path) else {
+        return String::new();
+    };
+    let start = usize::try_from(offset)
+        .unwrap_or(usize::MAX)
+        .min(bytes.len());
+    String::from_utf8_lossy(&bytes[start..]).into_owned()
 }
 
 /// The last `lines` lines of a file (for panic messages).

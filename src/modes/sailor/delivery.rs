@@ -124,6 +124,57 @@ impl Runtime {
     }
 }
 
+/// Publishes a snapshot as sailor does: plain JSON (snapshots are not encrypted) to the snapshot
+/// routing key, with `snapshotEvent` (`snapshot` or `updateSnapshot`). Send Request is stateless
+/// and never emits one; this is the runtime's side of the protocol.
+pub async fn publish_snapshot(
+    rt: &Runtime,
+    outgoing: &Map<String, Value>,
+    snapshot: &Value,
+    update: bool,
+) -> Result<(), String> {
+    let mut headers = outgoing.clone();
+    headers.insert(
+        "snapshotEvent".into(),
+        json!(if update { "updateSnapshot" } else { "snapshot" }),
+    );
+    let payload = serde_json::to_vec(snapshot).map_err(|e| e.to_string())?;
+    rt.publisher
+        .publish(Outgoing {
+            routing_key: &rt.settings.snapshot_routing_key,
+            payload: &payload,
+            headers,
+            properties: None,
+            expiration: None,
+        })
+        .await
+}
+
+/// Publishes an HTTP reply (`{statusCode, body, headers}`) to the caller waiting on `reply_to`,
+/// always encrypted with protocol 1, as sailor does. Without `reply_to` there is no caller.
+pub async fn publish_http_reply(
+    rt: &Runtime,
+    outgoing: &Map<String, Value>,
+    reply_to: Option<&str>,
+    reply: &Value,
+) -> Result<(), String> {
+    let reply_to =
+        reply_to.ok_or("an HTTP reply needs a caller, but the message has no reply_to")?;
+    let mut headers = outgoing.clone();
+    headers.insert("protocolVersion".into(), json!(1));
+    let plain = serde_json::to_vec(reply).map_err(|e| e.to_string())?;
+    let payload = rt.cipher.encode(&plain, 1);
+    rt.publisher
+        .publish(Outgoing {
+            routing_key: reply_to,
+            payload: &payload,
+            headers,
+            properties: None,
+            expiration: None,
+        })
+        .await
+}
+
 /// Processes one admitted delivery.
 pub async fn process(
     rt: Arc<Runtime>,
