@@ -150,9 +150,16 @@ async fn rabbit_round_trip_restart_and_cleanup() {
     let again = Instant::now();
     rabbit.start_again().await;
     eprintln!("TIMING node start after kill: {:?}", again.elapsed());
-    let got = rabbit.take(&t.input_queue, 2, Duration::from_secs(5)).await;
+    let got = rabbit
+        .take(&t.input_queue, 2, Duration::from_secs(10))
+        .await;
     let payloads: Vec<_> = got.iter().map(|m| m.text()).collect();
-    assert_eq!(payloads, ["across stop", "across crash"]);
+    assert_eq!(
+        payloads,
+        ["across stop", "across crash"],
+        "{got:#?}\nlog: {}",
+        rabbit.log_path().display()
+    );
 
     // Drop stops everything and removes the directory.
     let dir_text = dir.to_str().unwrap().to_string();

@@ -223,15 +223,20 @@ fn transport(error: reqwest::Error) -> CallError {
         TransportKind::Interrupted
     };
     // The source chain holds the useful part ("connection refused"); the URL is left out.
-    let error = error.without_url();
-    let mut detail = error.to_string();
-    let mut source = std::error::Error::source(&error);
+    let detail = error_chain(&error.without_url());
+    CallError::Transport { kind, detail }
+}
+
+/// An error and its sources, joined: reqwest's own text alone rarely says what went wrong.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
     while let Some(cause) = source {
-        detail.push_str(": ");
-        detail.push_str(&cause.to_string());
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
         source = cause.source();
     }
-    CallError::Transport { kind, detail }
+    text
 }
 
 /// Passes a 2xx response through; turns anything else into an [`ApiError`].

@@ -434,7 +434,8 @@ impl Rabbit {
             .unwrap_or_else(|e| panic!("connect to {}: {e}", self.amqp_uri()))
     }
 
-    /// Runs `f` with a fresh channel on a fresh connection, closing both afterwards.
+    /// Runs `f` with a fresh channel on a fresh connection, closing both (in that order)
+    /// afterwards.
     async fn with_channel<T, F, Fut>(&self, f: F) -> T
     where
         F: FnOnce(Channel) -> Fut,
@@ -442,7 +443,13 @@ impl Rabbit {
     {
         let connection = self.connect().await;
         let channel = connection.create_channel().await.expect("create channel");
-        let result = f(channel).await;
+        let result = f(channel.clone()).await;
+        // Close the channel first and wait for close-ok: only then is it certain that the
+        // broker has processed everything sent on it (acks are fire-and-forget; closing the
+        // connection right after them can lose them, and the messages come back).
+        if channel.status().connected() {
+            let _ = channel.close(200, "bye".into()).await;
+        }
         let _ = connection.close(200, "bye".into()).await;
         result
     }
@@ -605,8 +612,10 @@ impl Rabbit {
                 match got {
                     Some(message) => {
                         let delivery = message.delivery;
-                        delivery
-                            .ack(BasicAckOptions::default())
+                        // On the channel itself (the delivery's `Acker` silently skips the ack
+                        // when it considers itself poisoned).
+                        channel
+                            .basic_ack(delivery.delivery_tag, BasicAckOptions::default())
                             .await
                             .expect("basic_ack");
                         received.push(Received::from_delivery(

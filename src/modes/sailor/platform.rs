@@ -30,42 +30,24 @@ pub async fn fetch_step(http: &reqwest::Client, settings: &Settings) -> Result<S
         settings.flow_id,
         settings.step_id
     );
-    let mut attempt = 0;
-    loop {
-        let result = http
-            .get(&url)
+    let request = || {
+        http.get(&url)
             .basic_auth(&settings.api_username, Some(settings.api_key.expose()))
-            .timeout(Duration::from_secs(30))
-            .send()
-            .await;
-        let retryable = match result {
-            Ok(response) if response.status().is_success() => {
-                return response
-                    .json::<StepData>()
-                    .await
-                    .map_err(|e| format!("the step data from {url} is not valid: {e}"));
-            }
-            Ok(response) if response.status().is_server_error() => format!("HTTP {}", response.status()),
-            Ok(response) => {
-                return Err(format!(
-                    "the platform refused the step data request ({url}): HTTP {}; check ELASTICIO_API_USERNAME/ELASTICIO_API_KEY and the flow and step ids",
-                    response.status()
-                ))
-            }
-            Err(e) => e.without_url().to_string(),
-        };
-        if attempt >= settings.api_request_retry_attempts {
-            return Err(format!(
-                "cannot fetch the step data from {url}: {retryable}"
-            ));
-        }
-        let delay = settings
-            .api_request_retry_delay_ms
-            .saturating_mul(1 << attempt.min(16));
-        tracing::warn!(attempt, delay_ms = delay, error = %retryable, "step data request failed; retrying");
-        tokio::time::sleep(Duration::from_millis(delay)).await;
-        attempt += 1;
-    }
+    };
+    let retries = (
+        settings.api_request_retry_attempts,
+        settings.api_request_retry_delay_ms,
+    );
+    let response = send_with_retries(request, retries).await.map_err(|e| match e {
+        Failure::Refused(status) => format!(
+            "the platform refused the step data request ({url}): HTTP {status}; check ELASTICIO_API_USERNAME/ELASTICIO_API_KEY and the flow and step ids"
+        ),
+        Failure::Unavailable(why) => format!("cannot fetch the step data from {url}: {why}"),
+    })?;
+    response
+        .json::<StepData>()
+        .await
+        .map_err(|e| format!("the step data from {url} is not valid: {e}"))
 }
 
 /// Posts a service result to `ELASTICIO_POST_RESULT_URL`. Credentials in the URL's userinfo
@@ -74,7 +56,7 @@ pub async fn post_result(
     http: &reqwest::Client,
     url: &str,
     body: &Value,
-    retries: u32,
+    retries: u64,
     retry_delay_ms: u64,
 ) -> Result<(), String> {
     let mut parsed = reqwest::Url::parse(url)
@@ -83,33 +65,52 @@ pub async fn post_result(
     let password = parsed.password().map(str::to_string);
     let _ = parsed.set_username("");
     let _ = parsed.set_password(None);
+    let request = || {
+        let request = http.post(parsed.clone()).json(body);
+        if user.is_empty() {
+            request
+        } else {
+            request.basic_auth(&user, password.as_deref())
+        }
+    };
+    match send_with_retries(request, (retries, retry_delay_ms)).await {
+        Ok(_) => Ok(()),
+        Err(Failure::Refused(status)) => Err(format!(
+            "the platform refused the service result: HTTP {status}"
+        )),
+        Err(Failure::Unavailable(why)) => Err(format!("cannot post the service result: {why}")),
+    }
+}
+
+enum Failure {
+    /// A 4xx (or other non-retryable status): final.
+    Refused(reqwest::StatusCode),
+    /// Server errors or network failures, still failing after the retries.
+    Unavailable(String),
+}
+
+/// Sends, retrying server errors and network failures `retries.0` times, `retries.1` ms apart,
+/// doubling, as elasticio-rest-node does.
+async fn send_with_retries(
+    request: impl Fn() -> reqwest::RequestBuilder,
+    (retries, delay_ms): (u64, u64),
+) -> Result<reqwest::Response, Failure> {
     let mut attempt = 0;
     loop {
-        let mut request = http
-            .post(parsed.clone())
-            .json(body)
-            .timeout(Duration::from_secs(30));
-        if !user.is_empty() {
-            request = request.basic_auth(&user, password.as_deref());
-        }
-        let outcome = match request.send().await {
-            Ok(r) if r.status().is_success() => return Ok(()),
-            Ok(r) if r.status().is_server_error() => format!("HTTP {}", r.status()),
-            Ok(r) => {
-                return Err(format!(
-                    "the platform refused the service result: HTTP {}",
-                    r.status()
-                ))
+        let why = match request().timeout(Duration::from_secs(30)).send().await {
+            Ok(response) if response.status().is_success() => return Ok(response),
+            Ok(response) if response.status().is_server_error() => {
+                format!("HTTP {}", response.status())
             }
-            Err(e) => e.without_url().to_string(),
+            Ok(response) => return Err(Failure::Refused(response.status())),
+            Err(e) => crate::openai::client::error_chain(&e.without_url()),
         };
         if attempt >= retries {
-            return Err(format!("cannot post the service result: {outcome}"));
+            return Err(Failure::Unavailable(why));
         }
-        tokio::time::sleep(Duration::from_millis(
-            retry_delay_ms.saturating_mul(1 << attempt.min(16)),
-        ))
-        .await;
+        let delay = delay_ms.saturating_mul(1 << attempt.min(16));
+        tracing::warn!(attempt, delay_ms = delay, error = %why, "platform request failed; retrying");
+        tokio::time::sleep(Duration::from_millis(delay)).await;
         attempt += 1;
     }
 }
