@@ -69,7 +69,7 @@ pub async fn process(ctx: &Context<'_>, cfg: &Value, mut msg: Message) -> Outcom
         .as_str()
         .unwrap_or_default()
         .to_string();
-    tracing::info!(
+    tracing::debug!(
         model,
         streamed = prepared.request.get("stream").is_some(),
         "sending chat completion request"

@@ -217,7 +217,7 @@ pub async fn process(
         if rt.step.is_passthrough {
             emitter.input = Some(msg.clone());
         }
-        tracing::info!("processing message");
+        tracing::debug!("processing message");
         let ctx = Context {
             client: &rt.client,
             // On the platform the step's configuration is the only source of credentials.

@@ -38,13 +38,22 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         tracing::info!("shutdown hook mode: the component has no shutdown hook");
         return Ok(());
     }
-    let client = OpenAi::new();
-    let step = platform::fetch_step(client.http(), &settings).await?;
     let cipher = crypto::Cipher::new(
         &settings.message_crypto_password,
         &settings.message_crypto_iv,
     )?;
-    let publisher = connect_with_retries(&settings, || amqp::Publisher::connect(&settings)).await?;
+    // Start-up latency is the sum of what runs in sequence: building the HTTP client (it loads
+    // the TLS roots) and fetching the step overlap with connecting the publisher.
+    let client_and_step = async {
+        let client = tokio::task::spawn_blocking(OpenAi::new)
+            .await
+            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        let step = platform::fetch_step(client.http(), &settings).await?;
+        Ok::<_, String>((client, step))
+    };
+    let publisher = connect_with_retries(&settings, || amqp::Publisher::connect(&settings));
+    let (client_and_step, publisher) = tokio::join!(client_and_step, publisher);
+    let ((client, step), publisher) = (client_and_step?, publisher?);
     let rt = Arc::new(Runtime::new(settings, step, cipher, publisher, client));
     let tracker = TaskTracker::new();
     let consumer = consume(&rt, &tracker, &shutdown).await;
