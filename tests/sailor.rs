@@ -631,7 +631,7 @@ async fn service_mode_posts_results_to_the_platform() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_runtime_publishes_snapshots_and_http_replies_as_sailor_does() {
     use chatgpt_component::modes::sailor::{
-        amqp::Publisher, delivery, platform::StepData, settings,
+        amqp::Publisher, delivery, platform::StepData, runtime::Runtime, settings,
     };
     use chatgpt_component::openai::OpenAi;
 
@@ -664,7 +664,7 @@ async fn the_runtime_publishes_snapshots_and_http_replies_as_sailor_does() {
     .collect();
     let settings = settings::read(&|name| vars.get(name).cloned()).unwrap();
     let publisher = Publisher::connect(&settings).await.unwrap();
-    let rt = delivery::Runtime::new(
+    let rt = Runtime::new(
         settings,
         StepData::default(),
         cipher(),

@@ -3,126 +3,25 @@
 //! The input is acknowledged only at `end`, after every publish for it was confirmed, and it is
 //! settled exactly once: ack, or reject without requeue when an error was emitted. If results
 //! cannot be published at all, the input is requeued rather than dropped.
-//!
-//! Redeliveries: after a reconnect the broker redelivers what was unacked. As in sailor 2.7.8,
-//! a redelivery of a message still being processed is not processed again; the first handler
-//! settles the newest delivery instead, and one that arrives after the first handler finished
-//! is settled the same way at once.
+//! Redeliveries are deduplicated by [`Runtime`](super::runtime::Runtime).
 
-use std::collections::HashMap;
 use std::io;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
-use lapin::Acker;
 use serde_json::{json, Map, Value};
 use tracing::Instrument;
 
-use super::amqp::{Outgoing, Publisher};
-use super::crypto::Cipher;
+use super::amqp::Outgoing;
 use super::headers::{self, now_ms, Incoming};
-use super::platform::StepData;
+use super::runtime::Runtime;
 use super::settings::Settings;
 use crate::actions::{self, Context};
 use crate::emit::{Emitter, ErrorEvent, Event};
 use crate::message::Message;
-use crate::openai::{OpenAi, RetryPolicy};
-
-/// Everything a delivery needs, shared by all of them.
-pub struct Runtime {
-    pub settings: Settings,
-    pub step: StepData,
-    pub cipher: Cipher,
-    pub publisher: Publisher,
-    pub client: OpenAi,
-    in_flight: Mutex<HashMap<String, Slot>>,
-}
-
-enum Slot {
-    /// Being processed; settle this (the newest) delivery when done.
-    Processing(Acker),
-    /// Processed, but settling failed (the channel died): settle the redelivery this way.
-    Settled { ack: bool },
-}
-
-/// What to do with a delivery that just arrived.
-pub enum Admission {
-    Process,
-    Duplicate,
-    SettleNow { ack: bool },
-}
-
-impl Runtime {
-    pub fn new(
-        settings: Settings,
-        step: StepData,
-        cipher: Cipher,
-        publisher: Publisher,
-        client: OpenAi,
-    ) -> Runtime {
-        Runtime {
-            settings,
-            step,
-            cipher,
-            publisher,
-            client,
-            in_flight: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// Decides, in arrival order, whether a delivery is new work.
-    pub fn admit(&self, message_id: Option<&str>, acker: &Acker) -> Admission {
-        let Some(id) = message_id else {
-            return Admission::Process;
-        };
-        let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-        match in_flight.get_mut(id) {
-            None => {
-                in_flight.insert(id.to_string(), Slot::Processing(acker.clone()));
-                Admission::Process
-            }
-            Some(Slot::Processing(newest)) => {
-                *newest = acker.clone();
-                Admission::Duplicate
-            }
-            Some(Slot::Settled { ack }) => {
-                let ack = *ack;
-                in_flight.remove(id);
-                Admission::SettleNow { ack }
-            }
-        }
-    }
-
-    /// The acker to settle with: the newest delivery of this message.
-    fn take_acker(&self, message_id: Option<&str>, own: &Acker) -> Acker {
-        let Some(id) = message_id else {
-            return own.clone();
-        };
-        let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-        match in_flight.remove(id) {
-            Some(Slot::Processing(newest)) => newest,
-            _ => own.clone(),
-        }
-    }
-
-    fn remember_settlement(&self, message_id: Option<&str>, ack: bool) {
-        if let Some(id) = message_id {
-            let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-            in_flight.insert(id.to_string(), Slot::Settled { ack });
-        }
-    }
-
-    /// Messages being processed now.
-    pub fn in_flight(&self) -> usize {
-        let in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-        in_flight
-            .values()
-            .filter(|s| matches!(s, Slot::Processing(_)))
-            .count()
-    }
-}
+use crate::openai::RetryPolicy;
 
 /// Publishes a snapshot as sailor does: plain JSON (snapshots are not encrypted) to the snapshot
 /// routing key, with `snapshotEvent` (`snapshot` or `updateSnapshot`). Send Request is stateless

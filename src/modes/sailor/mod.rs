@@ -12,6 +12,7 @@ pub mod delivery;
 pub mod headers;
 pub mod logging;
 pub mod platform;
+pub mod runtime;
 pub mod service;
 pub mod settings;
 
@@ -23,8 +24,8 @@ use lapin::options::BasicCancelOptions;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use self::delivery::{Admission, Runtime};
 use self::headers::{to_json, Incoming};
+use self::runtime::{Admission, Runtime};
 use self::settings::Settings;
 use crate::openai::OpenAi;
 
