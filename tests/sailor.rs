@@ -706,3 +706,45 @@ async fn the_runtime_publishes_snapshots_and_http_replies_as_sailor_does() {
         .is_err());
     rt.publisher.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lightweight_messages_are_fetched_from_object_storage() {
+    let rabbit = Rabbit::start().await;
+    let mut step = Step::start(&rabbit, &[]).await;
+    let stored =
+        serde_json::to_vec(&json!({"messages": [{"role": "user", "content": "from storage"}]}))
+            .unwrap();
+    step.platform.put_object(
+        "body-1",
+        "application/octet-stream",
+        cipher().encrypt(&stored),
+    );
+    for object in ["body-1", "missing-body"] {
+        let message =
+            json!({"id": "m", "body": {}, "headers": {"x-ipaas-object-storage-id": object}});
+        let content = cipher().encode(&serde_json::to_vec(&message).unwrap(), 1);
+        rabbit
+            .publish(
+                &step.topology.input_queue,
+                &content,
+                json!({"messageId": object}),
+            )
+            .await;
+    }
+    let data = rabbit.take(&step.topology.data_queue, 1, WAIT).await;
+    assert_eq!(data.len(), 1, "{}", step.log_text());
+    assert_eq!(
+        decrypt(&data[0])["body"]["choices"][0]["message"]["content"],
+        "echo: from storage"
+    );
+    let errors = rabbit.take(&step.topology.error_queue, 1, WAIT).await;
+    let (error, _) = error_of(&errors[0]);
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Failed to get message body with id=missing-body"),
+        "{error}"
+    );
+    step.finish();
+}

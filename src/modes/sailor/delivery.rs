@@ -89,7 +89,10 @@ pub async fn process(
     );
     async move {
         let outgoing = headers::outgoing(&incoming, &rt.settings, now_ms());
-        let decoded = decode(&rt, &delivery.data, &incoming);
+        let decoded = match decode(&rt, &delivery.data, &incoming) {
+            Ok(mut msg) => resolve_lightweight(&rt, &mut msg).await.map(|()| msg),
+            Err(reason) => Err(reason),
+        };
         let mut emitter = AmqpEmitter {
             rt: &rt,
             delivery: &delivery,
@@ -145,6 +148,62 @@ pub async fn process(
 }
 
 /// Decrypts and parses the content; `reply_to` is copied into the message headers as sailor does.
+/// The header that marks a lightweight message: its body is in object storage.
+const OBJECT_ID: &str = "x-ipaas-object-storage-id";
+
+/// Fetches the bodies of a lightweight message and of lightweight passthrough entries, as sailor
+/// does before processing (`autoResolveObjectReferences`). Objects hold the body as JSON
+/// encrypted with the message cipher (raw ciphertext).
+async fn resolve_lightweight(rt: &Runtime, msg: &mut Message) -> Result<(), String> {
+    if let Some(id) = msg.headers.get(OBJECT_ID).and_then(Value::as_str) {
+        msg.body = fetch_object(rt, id).await?;
+    }
+    for entry in msg.passthrough.iter_mut().flat_map(|p| p.values_mut()) {
+        let id = entry
+            .pointer(&format!("/headers/{OBJECT_ID}"))
+            .and_then(Value::as_str);
+        if let Some(id) = id.map(str::to_string) {
+            entry["body"] = fetch_object(rt, &id).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn fetch_object(rt: &Runtime, id: &str) -> Result<Value, String> {
+    let failed = |why: String| format!("Failed to get message body with id={id}: {why}");
+    let settings = &rt.settings;
+    let (Some(uri), Some(token)) = (&settings.object_storage_uri, &settings.object_storage_token)
+    else {
+        return Err(failed(
+            "ELASTICIO_OBJECT_STORAGE_URI and ELASTICIO_OBJECT_STORAGE_TOKEN are needed for lightweight messages".into(),
+        ));
+    };
+    let response = rt
+        .client
+        .http()
+        .get(format!("{}/objects/{id}", uri.trim_end_matches('/')))
+        .bearer_auth(token.expose())
+        .timeout(std::time::Duration::from_secs(60))
+        .send()
+        .await
+        .map_err(|e| failed(crate::openai::client::error_chain(&e.without_url())))?;
+    if !response.status().is_success() {
+        return Err(failed(format!(
+            "object storage answered HTTP {}",
+            response.status()
+        )));
+    }
+    let bytes = response
+        .bytes()
+        .await
+        .map_err(|e| failed(e.without_url().to_string()))?;
+    let plain = rt
+        .cipher
+        .decrypt(&bytes)
+        .map_err(|e| failed(e.to_string()))?;
+    serde_json::from_slice(&plain).map_err(|e| failed(format!("the stored body is not JSON: {e}")))
+}
+
 fn decode(rt: &Runtime, content: &[u8], incoming: &Incoming) -> Result<Message, String> {
     let plain = rt
         .cipher
