@@ -19,7 +19,9 @@
 //!   manifest-vs-code self-check.
 //! - [`openai`]: the pooled HTTP client, the retry policy, error classification and stream
 //!   aggregation.
-//! - [`modes`]: how messages arrive and where events go. [`modes::exec`] is the local CLI runner.
+//! - [`modes`]: how messages arrive and where events go. [`modes::exec`] is the local CLI runner;
+//!   [`modes::sailor`] runs the component as an elastic.io step on RabbitMQ (the production
+//!   mode: settings, AMQP, message cipher, sailor's headers, rebounds, service calls, bunyan logs).
 //! - [`services`]: credential verification and the model dropdown.
 //!
 //! Invariants: secrets live only in [`secret::Secret`] (and header values marked sensitive); the
