@@ -3,7 +3,7 @@
 //! The input is acknowledged only at `end`, after every publish for it was confirmed, and it is
 //! settled exactly once: ack, or reject without requeue when an error was emitted. If results
 //! cannot be published at all, the input is requeued rather than dropped.
-//! Redeliveries are deduplicated by [`Runtime`](super::runtime::Runtime).
+//! Redeliveries are deduplicated by [`Runtime`].
 
 use std::io;
 use std::sync::Arc;

@@ -69,7 +69,7 @@ pub fn init(level: &str, context: Vec<(String, String)>) {
         .try_init();
 }
 
-/// The global filter: `level` for everything, but no chattier than `warn` for [`NOISY`] crates.
+/// The global filter: `level` for everything, but no chattier than `warn` for the noisy crates (`NOISY`).
 pub fn filter(level: &str) -> EnvFilter {
     let level = level_filter(level);
     let noisy = level.min(LevelFilter::WARN);
