@@ -477,17 +477,22 @@ async fn nothing_is_lost_when_the_broker_restarts_mid_run() {
         "every input produced a result:\n{}",
         step.log_text()
     );
-    // Settle any duplicates and check the input queue drained.
+    // Inputs whose acks died with the old channel are settled when the broker redelivers them
+    // to the reopened consumer: wait for the queue to drain rather than checking once.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while rabbit.depth(&step.topology.input_queue).await > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the input queue never drained:\n{}",
+            step.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Redelivered inputs are not processed twice.
     let extra = rabbit
-        .take(&step.topology.data_queue, 8, Duration::from_secs(2))
+        .take(&step.topology.data_queue, 8, Duration::from_secs(1))
         .await;
-    assert!(extra.len() <= 8);
-    assert_eq!(
-        rabbit.depth(&step.topology.input_queue).await,
-        0,
-        "{}",
-        step.log_text()
-    );
+    assert!(extra.is_empty(), "{} duplicate results", extra.len());
     step.finish();
 }
 

@@ -10,13 +10,13 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
+use lapin::options::BasicNackOptions;
 use serde_json::{json, Map, Value};
 use tracing::Instrument;
 
 use super::amqp::Outgoing;
 use super::headers::{self, now_ms, Incoming};
-use super::runtime::Runtime;
+use super::runtime::{self, Runtime};
 use super::settings::Settings;
 use crate::actions::{self, Context};
 use crate::emit::{Emitter, ErrorEvent, Event};
@@ -436,14 +436,9 @@ impl AmqpEmitter<'_> {
         }
         let id = self.incoming.message_id.as_deref();
         let acker = self.rt.take_acker(id, &self.delivery.acker);
-        let result = if ack {
-            acker.ack(BasicAckOptions::default()).await
-        } else {
-            acker.reject(BasicRejectOptions { requeue: false }).await
-        };
-        if let Err(e) = result {
+        if !runtime::settle(&acker, ack).await {
             // The channel is gone; the broker will redeliver, and `admit` settles it then.
-            tracing::warn!(error = %e, "could not settle the message; it will be settled on redelivery");
+            tracing::warn!("could not settle the message; it will be settled on redelivery");
             self.rt.remember_settlement(id, ack);
         }
     }
@@ -460,8 +455,8 @@ impl AmqpEmitter<'_> {
             multiple: false,
             requeue: true,
         };
-        if let Err(e) = acker.nack(options).await {
-            tracing::warn!(error = %e, "could not requeue the message; the broker will redeliver it");
+        if !matches!(acker.nack(options).await, Ok(true)) {
+            tracing::warn!("could not requeue the message; the broker will redeliver it");
         }
     }
 }

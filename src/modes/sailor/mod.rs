@@ -29,8 +29,9 @@ use self::runtime::{Admission, Runtime};
 use self::settings::Settings;
 use crate::openai::OpenAi;
 
-/// Longest pause between attempts to reopen the consumer after the broker went away.
-const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(5);
+/// Longest pause between attempts to reopen the consumer after the broker went away: short, so
+/// consuming resumes soon after the broker is back (and redeliveries get settled).
+const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(1);
 
 /// Runs the step until `shutdown` is cancelled.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), String> {
@@ -169,17 +170,12 @@ fn dispatch(rt: &Arc<Runtime>, tracker: &TaskTracker, delivery: lapin::message::
             );
         }
         Admission::SettleNow { ack } => {
+            let rt = rt.clone();
+            let id = incoming.message_id;
             tracker.spawn(async move {
-                let result = if ack {
-                    delivery.acker.ack(Default::default()).await
-                } else {
-                    delivery
-                        .acker
-                        .reject(lapin::options::BasicRejectOptions { requeue: false })
-                        .await
-                };
-                if let Err(e) = result {
-                    tracing::warn!(error = %e, "could not settle a redelivered message");
+                if !runtime::settle(&delivery.acker, ack).await {
+                    // Its channel died too: settle the next redelivery.
+                    rt.remember_settlement(id.as_deref(), ack);
                 }
             });
         }

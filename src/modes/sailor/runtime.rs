@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use lapin::options::{BasicAckOptions, BasicRejectOptions};
 use lapin::Acker;
 
 use super::amqp::Publisher;
@@ -94,7 +95,7 @@ impl Runtime {
         }
     }
 
-    pub(super) fn remember_settlement(&self, message_id: Option<&str>, ack: bool) {
+    pub fn remember_settlement(&self, message_id: Option<&str>, ack: bool) {
         if let Some(id) = message_id {
             let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
             in_flight.insert(id.to_string(), Slot::Settled { ack });
@@ -108,5 +109,23 @@ impl Runtime {
             .values()
             .filter(|s| matches!(s, Slot::Processing(_)))
             .count()
+    }
+}
+
+/// Acks, or rejects without requeue. True only if it really happened: for a delivery whose
+/// channel is gone, lapin answers `Ok(false)` rather than an error, and treating that as done
+/// would let the broker's redelivery be processed a second time.
+pub async fn settle(acker: &Acker, ack: bool) -> bool {
+    let result = if ack {
+        acker.ack(BasicAckOptions::default()).await
+    } else {
+        acker.reject(BasicRejectOptions { requeue: false }).await
+    };
+    match result {
+        Ok(done) => done,
+        Err(e) => {
+            tracing::debug!(error = %e, "settling failed");
+            false
+        }
     }
 }
