@@ -753,3 +753,52 @@ async fn lightweight_messages_are_fetched_from_object_storage() {
     );
     step.finish();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn passthrough_and_the_outgoing_size_limit_work_as_in_sailor() {
+    let rabbit = Rabbit::start().await;
+
+    // Passthrough: earlier steps' entries are kept and this step's own output is added.
+    let mut step = Step::start(&rabbit, &[("TEST_PASSTHROUGH", "1")]).await;
+    let earlier = json!({"step_1": {"id": "m0", "body": {"from": "trigger"}, "headers": {}}});
+    let message = json!({"id": "m1", "body": hello(), "headers": {}, "passthrough": earlier});
+    let content = cipher().encode(&serde_json::to_vec(&message).unwrap(), 1);
+    rabbit
+        .publish(
+            &step.topology.input_queue,
+            &content,
+            json!({"messageId": "m1", "stepId": "step_1"}),
+        )
+        .await;
+    let data = rabbit.take(&step.topology.data_queue, 1, WAIT).await;
+    assert_eq!(data.len(), 1, "{}", step.log_text());
+    let out = decrypt(&data[0]);
+    assert_eq!(out["passthrough"]["step_1"], earlier["step_1"]);
+    assert_eq!(
+        out["passthrough"]["step_2"]["body"], out["body"],
+        "this step's own output"
+    );
+    assert!(out["passthrough"]["step_2"].get("passthrough").is_none());
+    step.finish();
+
+    // A result larger than OUTGOING_MESSAGE_SIZE_LIMIT is an error, and the input is rejected.
+    let mut step = Step::start(&rabbit, &[("ELASTICIO_OUTGOING_MESSAGE_SIZE_LIMIT", "200")]).await;
+    step.send(&rabbit, hello(), json!({})).await;
+    let errors = rabbit.take(&step.topology.error_queue, 1, WAIT).await;
+    assert_eq!(errors.len(), 1, "{}", step.log_text());
+    let message = error_of(&errors[0]).0["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        message.starts_with("Outgoing message size ")
+            && message.ends_with(" exceeds limit of 200."),
+        "{message}"
+    );
+    assert!(rabbit
+        .take(&step.topology.data_queue, 1, Duration::from_millis(300))
+        .await
+        .is_empty());
+    assert_eq!(rabbit.depth(&step.topology.input_queue).await, 0);
+    step.finish();
+}
