@@ -413,34 +413,20 @@ impl Step {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        let vars = [
-            ("FLOW_ID", "flow-1"),
-            ("EXEC_ID", "exec-1"),
-            ("STEP_ID", "step_2"),
-            ("CONTAINER_ID", "container-1"),
-            ("WORKSPACE_ID", "workspace-1"),
-            ("USER_ID", "user-1"),
-            ("COMP_ID", "comp-1"),
-            ("FUNCTION", "sendRequest"),
-            ("API_USERNAME", "task-user"),
-            ("API_KEY", PLATFORM_KEY),
-            ("MESSAGE_CRYPTO_IV", IV),
-            ("MESSAGE_CRYPTO_PASSWORD", PASSWORD),
-        ];
-        for (k, v) in vars {
-            command.env(format!("ELASTICIO_{k}"), v);
+        let amqp_uri = step_amqp_uri(rabbit);
+        let platform_uri = platform.uri();
+        let vars = support::StepEnv {
+            platform_uri: &platform_uri,
+            platform_key: PLATFORM_KEY,
+            amqp_uri: &amqp_uri,
+            topology,
+            crypto_password: PASSWORD,
+            crypto_iv: IV,
+            storage_token: STORAGE_TOKEN,
         }
+        .vars();
         command
-            .env("ELASTICIO_API_URI", platform.uri())
-            .env("ELASTICIO_AMQP_URI", step_amqp_uri(rabbit))
-            .env("ELASTICIO_LISTEN_MESSAGES_ON", &topology.input_queue)
-            .env("ELASTICIO_PUBLISH_MESSAGES_TO", &topology.exchange)
-            .env("ELASTICIO_DATA_ROUTING_KEY", &topology.data_key)
-            .env("ELASTICIO_ERROR_ROUTING_KEY", &topology.error_key)
-            .env("ELASTICIO_REBOUND_ROUTING_KEY", &topology.rebound_key)
-            .env("ELASTICIO_SNAPSHOT_ROUTING_KEY", &topology.snapshot_key)
-            .env("ELASTICIO_OBJECT_STORAGE_URI", platform.uri())
-            .env("ELASTICIO_OBJECT_STORAGE_TOKEN", STORAGE_TOKEN)
+            .envs(vars)
             .env("ELASTICIO_RABBITMQ_PREFETCH_SAILOR", prefetch.to_string());
         let spawned = Instant::now();
         let mut child = command.spawn().expect("the binary starts");

@@ -64,34 +64,19 @@ impl Step {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        let vars = [
-            ("FLOW_ID", "flow-1"),
-            ("EXEC_ID", "exec-1"),
-            ("STEP_ID", "step_2"),
-            ("CONTAINER_ID", "container-1"),
-            ("WORKSPACE_ID", "workspace-1"),
-            ("USER_ID", "user-1"),
-            ("COMP_ID", "comp-1"),
-            ("FUNCTION", "sendRequest"),
-            ("API_USERNAME", "task-user"),
-            ("API_KEY", PLATFORM_KEY),
-            ("MESSAGE_CRYPTO_IV", IV),
-            ("MESSAGE_CRYPTO_PASSWORD", PASSWORD),
-        ];
-        for (k, v) in vars {
-            command.env(format!("ELASTICIO_{k}"), v);
+        let amqp_uri = rabbit.amqp_uri();
+        let platform_uri = platform.uri();
+        let vars = support::StepEnv {
+            platform_uri: &platform_uri,
+            platform_key: PLATFORM_KEY,
+            amqp_uri: &amqp_uri,
+            topology: &topology,
+            crypto_password: PASSWORD,
+            crypto_iv: IV,
+            storage_token: STORAGE_TOKEN,
         }
-        command
-            .env("ELASTICIO_API_URI", platform.uri())
-            .env("ELASTICIO_AMQP_URI", rabbit.amqp_uri())
-            .env("ELASTICIO_LISTEN_MESSAGES_ON", &topology.input_queue)
-            .env("ELASTICIO_PUBLISH_MESSAGES_TO", &topology.exchange)
-            .env("ELASTICIO_DATA_ROUTING_KEY", &topology.data_key)
-            .env("ELASTICIO_ERROR_ROUTING_KEY", &topology.error_key)
-            .env("ELASTICIO_REBOUND_ROUTING_KEY", &topology.rebound_key)
-            .env("ELASTICIO_SNAPSHOT_ROUTING_KEY", &topology.snapshot_key)
-            .env("ELASTICIO_OBJECT_STORAGE_URI", platform.uri())
-            .env("ELASTICIO_OBJECT_STORAGE_TOKEN", STORAGE_TOKEN);
+        .vars();
+        command.envs(vars);
         for (k, v) in env.iter().filter(|(k, _)| *k != "TEST_PASSTHROUGH") {
             command.env(k, v);
         }
@@ -642,30 +627,18 @@ async fn the_runtime_publishes_snapshots_and_http_replies_as_sailor_does() {
 
     let rabbit = Rabbit::start().await;
     let topology = rabbit.declare_topology("flow").await;
-    let vars: std::collections::HashMap<String, String> = [
-        ("FLOW_ID", "flow-1"),
-        ("EXEC_ID", "exec-1"),
-        ("STEP_ID", "step_2"),
-        ("CONTAINER_ID", "c"),
-        ("WORKSPACE_ID", "w"),
-        ("USER_ID", "u"),
-        ("COMP_ID", "comp"),
-        ("FUNCTION", "sendRequest"),
-        ("API_URI", "http://127.0.0.1:1"),
-        ("API_USERNAME", "u"),
-        ("API_KEY", PLATFORM_KEY),
-        ("AMQP_URI", &rabbit.amqp_uri()),
-        ("LISTEN_MESSAGES_ON", &topology.input_queue),
-        ("PUBLISH_MESSAGES_TO", &topology.exchange),
-        ("DATA_ROUTING_KEY", &topology.data_key),
-        ("ERROR_ROUTING_KEY", &topology.error_key),
-        ("REBOUND_ROUTING_KEY", &topology.rebound_key),
-        ("SNAPSHOT_ROUTING_KEY", &topology.snapshot_key),
-        ("MESSAGE_CRYPTO_IV", IV),
-        ("MESSAGE_CRYPTO_PASSWORD", PASSWORD),
-    ]
+    let amqp_uri = rabbit.amqp_uri();
+    let vars: std::collections::HashMap<String, String> = support::StepEnv {
+        platform_uri: "http://127.0.0.1:1",
+        platform_key: PLATFORM_KEY,
+        amqp_uri: &amqp_uri,
+        topology: &topology,
+        crypto_password: PASSWORD,
+        crypto_iv: IV,
+        storage_token: STORAGE_TOKEN,
+    }
+    .vars()
     .into_iter()
-    .map(|(k, v)| (format!("ELASTICIO_{k}"), v.to_string()))
     .collect();
     let settings = settings::read(&|name| vars.get(name).cloned()).unwrap();
     let publisher = Publisher::connect(&settings).await.unwrap();

@@ -6,6 +6,8 @@
 
 pub mod platform;
 pub mod rabbit;
+pub mod step;
 
 pub use platform::Platform;
 pub use rabbit::{free_port, Rabbit, Received, Topology};
+pub use step::StepEnv;
