@@ -40,7 +40,6 @@ pub enum AuthStyle {
 pub struct Credentials {
     base_url: String,
     api_version: Option<String>,
-    auth: AuthStyle,
     headers: HeaderMap,
     api_key: Secret,
 }
@@ -127,7 +126,6 @@ pub fn resolve(cfg: &Value, env: Env) -> Result<Credentials, ConfigError> {
     Ok(Credentials {
         base_url,
         api_version,
-        auth,
         headers,
         api_key: Secret::new(api_key),
     })
@@ -145,10 +143,6 @@ impl Credentials {
     /// Authentication, organization and project headers.
     pub fn headers(&self) -> &HeaderMap {
         &self.headers
-    }
-
-    pub fn auth_style(&self) -> AuthStyle {
-        self.auth
     }
 
     /// True when talking to OpenAI itself (model lists are filtered only there).

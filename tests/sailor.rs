@@ -37,10 +37,16 @@ struct Step {
 
 impl Step {
     async fn start(rabbit: &Rabbit, env: &[(&str, &str)]) -> Step {
-        Self::start_with(rabbit, env, json!({})).await
+        Self::start_with(rabbit, env, json!({}), false).await
     }
 
-    async fn start_with(rabbit: &Rabbit, env: &[(&str, &str)], config: Value) -> Step {
+    /// `config` is merged into the step's `cfg`; `passthrough` is the step's `is_passthrough`.
+    async fn start_with(
+        rabbit: &Rabbit,
+        env: &[(&str, &str)],
+        config: Value,
+        passthrough: bool,
+    ) -> Step {
         let topology = rabbit.declare_topology("flow").await;
         let fake = FakeOpenAi::start().await;
         let platform = Platform::start("task-user", PLATFORM_KEY, STORAGE_TOKEN).await;
@@ -49,7 +55,6 @@ impl Step {
         cfg.as_object_mut()
             .unwrap()
             .extend(config.as_object().unwrap().clone());
-        let passthrough = env.iter().any(|(k, _)| *k == "TEST_PASSTHROUGH");
         // The first step-data request fails with a 500: every step proves the retry.
         platform.set_step(
             json!({"config": cfg, "snapshot": {}, "is_passthrough": passthrough}),
@@ -77,7 +82,7 @@ impl Step {
         }
         .vars();
         command.envs(vars);
-        for (k, v) in env.iter().filter(|(k, _)| *k != "TEST_PASSTHROUGH") {
+        for (k, v) in env {
             command.env(k, v);
         }
         let mut child = command.spawn().expect("the binary starts");
@@ -325,7 +330,7 @@ async fn a_bad_message_is_rejected_and_reported_and_the_next_one_still_runs() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_refused_key_is_an_error_and_a_rate_limit_a_rebound() {
     let rabbit = Rabbit::start().await;
-    let mut step = Step::start_with(&rabbit, &[], json!({"maxRetries": "0"})).await;
+    let mut step = Step::start_with(&rabbit, &[], json!({"maxRetries": "0"}), false).await;
 
     step.fake.push(Script::Error(ErrorReply::invalid_api_key()));
     step.send(&rabbit, hello(), json!({})).await;
@@ -732,7 +737,7 @@ async fn passthrough_and_the_outgoing_size_limit_work_as_in_sailor() {
     let rabbit = Rabbit::start().await;
 
     // Passthrough: earlier steps' entries are kept and this step's own output is added.
-    let mut step = Step::start(&rabbit, &[("TEST_PASSTHROUGH", "1")]).await;
+    let mut step = Step::start_with(&rabbit, &[], json!({}), true).await;
     let earlier = json!({"step_1": {"id": "m0", "body": {"from": "trigger"}, "headers": {}}});
     let message = json!({"id": "m1", "body": hello(), "headers": {}, "passthrough": earlier});
     let content = cipher().encode(&serde_json::to_vec(&message).unwrap(), 1);

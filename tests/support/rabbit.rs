@@ -639,28 +639,19 @@ impl Rabbit {
         .await
     }
 
-    /// Number of messages ready in `queue` (a passive declare; panics if it does not exist).
+    /// Number of messages ready in `queue` (panics if it does not exist).
     pub async fn depth(&self, queue: &str) -> u32 {
-        self.with_channel(|channel| async move {
-            channel
-                .queue_declare(
-                    queue.into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..QueueDeclareOptions::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-                .unwrap_or_else(|e| panic!("passive declare of {queue}: {e}"))
-                .message_count()
-        })
-        .await
+        self.passive_declare(queue).await.message_count()
     }
 
-    /// Number of consumers on `queue` (a passive declare; panics if it does not exist). Useful to
-    /// wait until the component under test is consuming.
+    /// Number of consumers on `queue` (panics if it does not exist). Useful to wait until the
+    /// component under test is consuming.
     pub async fn consumers(&self, queue: &str) -> u32 {
+        self.passive_declare(queue).await.consumer_count()
+    }
+
+    /// The broker's view of an existing queue.
+    async fn passive_declare(&self, queue: &str) -> lapin::Queue {
         self.with_channel(|channel| async move {
             channel
                 .queue_declare(
@@ -673,7 +664,6 @@ impl Rabbit {
                 )
                 .await
                 .unwrap_or_else(|e| panic!("passive declare of {queue}: {e}"))
-                .consumer_count()
         })
         .await
     }
