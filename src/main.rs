@@ -13,7 +13,7 @@ use chatgpt_component::credentials::process_env;
 use chatgpt_component::emit::Outcome;
 use chatgpt_component::message::Message;
 use chatgpt_component::modes::exec::JsonLines;
-use chatgpt_component::modes::sailor;
+use chatgpt_component::modes::{gateway, sailor};
 use chatgpt_component::openai::{OpenAi, RetryPolicy};
 use chatgpt_component::services;
 
@@ -66,6 +66,13 @@ enum Command {
     },
     /// Run as an elastic.io platform step: consume from RabbitMQ (configured by ELASTICIO_* env).
     Sailor,
+    /// Run the HTTP gateway: Vanus ChatGPT Source (POST /), Glific's parse_via_chat_gpt webhook
+    /// and POST /actions/{action}.
+    Serve {
+        /// The YAML config; else CONNECTOR_CONFIG, else /vanus-connect/config/config.yml.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Run one platform service call and POST its result to ELASTICIO_POST_RESULT_URL.
     Service {
         /// verifyCredentials, getMetaModel or selectModel.
@@ -92,7 +99,8 @@ async fn main() -> ExitCode {
     match cli.command {
         Command::Sailor => return sailor_mode().await,
         Command::Service { method } => return service_mode(&method).await,
-        _ => init_logging(),
+        Command::Serve { config } => return serve_mode(config).await,
+        _ => init_logging_as(false, "warn"),
     }
     match run(cli.command).await {
         Ok(code) => code,
@@ -174,7 +182,9 @@ async fn run(command: Command) -> Result<ExitCode, String> {
                 ExitCode::FAILURE
             })
         }
-        Command::Sailor | Command::Service { .. } => unreachable!("handled in main"),
+        Command::Sailor | Command::Service { .. } | Command::Serve { .. } => {
+            unreachable!("handled in main")
+        }
         Command::SelectModel {
             action,
             function,
@@ -208,13 +218,42 @@ async fn sailor_mode() -> ExitCode {
     let shutdown = CancellationToken::new();
     let trigger = shutdown.clone();
     tokio::spawn(async move {
-        sailor::signalled().await;
+        chatgpt_component::modes::signalled().await;
         trigger.cancel();
     });
     match sailor::run(settings, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "the step cannot run");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The HTTP gateway. A bad config is reported (naming the key) before anything starts.
+async fn serve_mode(path: Option<PathBuf>) -> ExitCode {
+    let path = gateway::config::locate(path.as_deref(), &process_env);
+    let config = match gateway::config::load(path.as_deref(), &process_env) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("chatgpt-component: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    init_logging_as(
+        config.log_format == gateway::config::LogFormat::Json,
+        "info",
+    );
+    let shutdown = CancellationToken::new();
+    let trigger = shutdown.clone();
+    tokio::spawn(async move {
+        chatgpt_component::modes::signalled().await;
+        trigger.cancel();
+    });
+    match gateway::run(config, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "the gateway cannot run");
             ExitCode::FAILURE
         }
     }
@@ -250,18 +289,24 @@ fn read_json(flag: &str, arg: &str) -> Result<Value, String> {
     serde_json::from_str(&text).map_err(|e| format!("{flag} is not valid JSON: {e}"))
 }
 
-/// Logs go to stderr (stdout carries results). `RUST_LOG` or `LOG_LEVEL` set the level; warn by
-/// default, so retries show.
-fn init_logging() {
+/// Logs go to stderr (stdout carries results). `RUST_LOG` or `LOG_LEVEL` set the level (the
+/// CLI defaults to warn, so retries show; the gateway to info); `json` gives one JSON object per
+/// line for log collectors.
+fn init_logging_as(json: bool, default_level: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| {
-            EnvFilter::try_new(std::env::var("LOG_LEVEL").unwrap_or_else(|_| "warn".into()))
+            EnvFilter::try_new(std::env::var("LOG_LEVEL").unwrap_or_else(|_| default_level.into()))
         })
-        .unwrap_or_else(|_| EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
+        .unwrap_or_else(|_| EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
 }

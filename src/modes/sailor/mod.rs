@@ -181,13 +181,3 @@ fn dispatch(rt: &Arc<Runtime>, tracker: &TaskTracker, delivery: lapin::message::
         }
     }
 }
-
-/// Resolves when SIGTERM or SIGINT arrives.
-pub async fn signalled() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received; shutting down"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received; shutting down"),
-    }
-}
