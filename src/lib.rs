@@ -21,7 +21,9 @@
 //!   aggregation.
 //! - [`modes`]: how messages arrive and where events go. [`modes::exec`] is the local CLI runner;
 //!   [`modes::sailor`] runs the component as an elastic.io step on RabbitMQ (the production
-//!   mode: settings, AMQP, message cipher, sailor's headers, rebounds, service calls, bunyan logs).
+//!   mode: settings, AMQP, message cipher, sailor's headers, rebounds, service calls, bunyan logs);
+//!   [`modes::gateway`] serves the action over HTTP (`serve`): the Vanus ChatGPT Source with
+//!   CloudEvent delivery, Glific's `parse_via_chat_gpt` webhook, and a generic action route.
 //! - [`services`]: credential verification and the model dropdown.
 //!
 //! Invariants: secrets live only in [`secret::Secret`] (and header values marked sensitive); the

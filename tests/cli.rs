@@ -335,3 +335,102 @@ async fn schema_prints_the_converted_schemas() {
     let unknown = cli(args(&["schema", "nope", "in"]), None).await;
     assert_eq!(unknown.status.code(), Some(2));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_reports_a_bad_config_by_key_and_exits_2() {
+    let dir = std::env::temp_dir().join(format!("cli-serve-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("config.yml");
+    std::fs::write(&file, format!("token: {API_KEY}\nport: eighty\n")).unwrap();
+    let out = cli(args(&["serve", "--config", file.to_str().unwrap()]), None).await;
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("config key `port`"), "{stderr}");
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// The gateway binary from a config file: answers, then on SIGTERM finishes the request in
+/// flight before exiting 0; the key never shows in its logs (trace level).
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_answers_and_drains_on_sigterm() {
+    let fake = FakeOpenAi::start().await;
+    let dir = std::env::temp_dir().join(format!("cli-serve-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let file = dir.join("config.yml");
+    std::fs::write(
+        &file,
+        format!(
+            "token: {API_KEY}\nbase_url: {}\nport: {port}\ndata_dir: {}\nlog_format: json\n",
+            fake.base_url(),
+            dir.join("data").display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chatgpt-component"))
+        .args(["serve", "--config", file.to_str().unwrap()])
+        .env_remove("OPENAI_API_KEY")
+        .env("RUST_LOG", "trace")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let http = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while http.get(format!("{url}/healthz")).send().await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "serve did not start");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let reply = http
+        .post(&url)
+        .header("process-mode", "sync")
+        .body("ping")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), 200);
+    assert_eq!(
+        reply.json::<Value>().await.unwrap(),
+        json!({"content": "echo: ping"})
+    );
+    // A slow answer is in flight when SIGTERM arrives: it must still be answered.
+    fake.push(Script::SlowFirstByte(std::time::Duration::from_millis(800)));
+    let slow = tokio::spawn(
+        http.post(&url)
+            .header("process-mode", "sync")
+            .body("slow")
+            .send(),
+    );
+    while fake.chat_requests().len() < 2 {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let slow = slow
+        .await
+        .unwrap()
+        .expect("the request in flight is answered");
+    assert_eq!(slow.status(), 200);
+    let output = tokio::task::spawn_blocking(move || {
+        let _ = child.stdout.take();
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    let logs = String::from_utf8_lossy(&output.stderr);
+    assert!(!logs.contains(API_KEY), "the API key leaked into the logs");
+    for line in logs.lines() {
+        serde_json::from_str::<Value>(line).expect("log_format json: every line is JSON");
+    }
+    assert!(logs.contains("gateway stopped"), "{logs}");
+    std::fs::remove_dir_all(dir).ok();
+}

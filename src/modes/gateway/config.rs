@@ -176,6 +176,9 @@ pub struct Config {
     pub auth_password: Option<Secret>,
     #[serde(default)]
     pub log_format: LogFormat,
+    /// cdk-go keys found in the file and ignored; `serve` warns about them once logging is up.
+    #[serde(skip)]
+    pub ignored_keys: Vec<String>,
 }
 
 /// Keys that hold text: an environment override is taken as written, never as a number.
@@ -304,11 +307,11 @@ fn parse_document(text: &str, kind: Option<&str>) -> Result<Map<String, Value>, 
 
 /// Applies environment overrides and checks every value.
 pub fn from_map(mut map: Map<String, Value>, env: Env) -> Result<Config, ConfigError> {
-    for key in IGNORED_VANUS_KEYS {
-        if map.remove(*key).is_some() {
-            tracing::warn!(key, "config key has no meaning for this gateway; ignored");
-        }
-    }
+    let ignored_keys: Vec<String> = IGNORED_VANUS_KEYS
+        .iter()
+        .filter(|key| map.remove(**key).is_some())
+        .map(|key| key.to_string())
+        .collect();
     for key in TEXT_KEYS.iter().chain(SCALAR_KEYS) {
         let Some(raw) = env(&format!("CONNECTOR_{}", key.to_uppercase())) else {
             continue;
@@ -325,7 +328,7 @@ pub fn from_map(mut map: Map<String, Value>, env: Env) -> Result<Config, ConfigE
             map.insert("token".into(), Value::String(key));
         }
     }
-    let config: Config = serde_path_to_error::deserialize(Value::Object(map)).map_err(|e| {
+    let mut config: Config = serde_path_to_error::deserialize(Value::Object(map)).map_err(|e| {
         let key = e.path().to_string();
         let problem = e.into_inner().to_string();
         // Unknown keys are reported by serde at the top level ("."): name the key itself.
@@ -338,6 +341,7 @@ pub fn from_map(mut map: Map<String, Value>, env: Env) -> Result<Config, ConfigE
         }
     })?;
     config.check()?;
+    config.ignored_keys = ignored_keys;
     Ok(config)
 }
 
@@ -452,6 +456,7 @@ mod tests {
         assert_eq!(config.everyday_limit, DailyLimit::Calls(100));
         assert_eq!(config.bind, default_bind());
         assert_eq!(config.send_event_attempts, 3);
+        assert_eq!(config.ignored_keys, ["log_config"]);
     }
 
     #[test]

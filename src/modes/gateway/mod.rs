@@ -352,6 +352,9 @@ pub async fn serve(
     options: Options,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    for key in &config.ignored_keys {
+        tracing::warn!(key, "config key has no meaning for this gateway; ignored");
+    }
     let grace = options.shutdown_grace;
     let gateway = Gateway::new(config, options)?;
     let inner = gateway.0.clone();
