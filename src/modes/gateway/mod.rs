@@ -175,7 +175,18 @@ pub struct Ticket {
 }
 
 impl Gateway {
+    /// Creates `data_dir` (so an unwritable one stops start-up, not the first write) and loads
+    /// today's count.
     pub fn new(config: Config, options: Options) -> std::io::Result<Self> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "config key `data_dir`: cannot create {}: {e}",
+                    config.data_dir.display()
+                ),
+            )
+        })?;
         let metrics = Arc::new(Metrics::new());
         let quota = Quota::open(
             config.everyday_limit,
