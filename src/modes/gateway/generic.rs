@@ -132,8 +132,8 @@ fn parse(gateway: &Gateway, body: &[u8]) -> Result<(Value, Message), ErrorEvent>
             ))
         }
     };
-    // Unset, as the platform's mapper leaves it: the server's value applies.
-    given.retain(|_, v| !v.is_null());
+    // Unset (null or blank, as a mapper leaves it): the server's value applies.
+    given.retain(|_, v| !v.is_null() && v.as_str().is_none_or(|s| !s.trim().is_empty()));
     let server = gateway.action_cfg();
     let mut cfg = if credentials::text(&Value::Object(given.clone()), "apiKey").is_some() {
         // The caller's own key: only the server's non-credential defaults apply.

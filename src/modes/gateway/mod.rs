@@ -264,10 +264,11 @@ impl Gateway {
             tracing::warn!(limit = e.limit, "daily limit reached; call refused");
             Refusal::DailyLimit(e)
         })?;
-        inner.metrics.queue_depth.inc();
+        // Guards, not inc/dec pairs: a caller that hangs up drops this future mid-way.
+        let waiting = GaugeGuard::up(&inner.metrics.queue_depth);
         let slot = inner.upstream.acquire().await.expect("never closed");
-        inner.metrics.queue_depth.dec();
-        inner.metrics.in_flight.inc();
+        drop(waiting);
+        let running = GaugeGuard::up(&inner.metrics.in_flight);
         let env = process_env;
         let ctx = Context {
             client: &inner.client,
@@ -278,7 +279,7 @@ impl Gateway {
         let started = Instant::now();
         let outcome = actions::process("sendRequest", &ctx, cfg, msg).await;
         drop(slot);
-        inner.metrics.in_flight.dec();
+        drop(running);
         if let Some(status) = upstream_status(&outcome) {
             inner
                 .metrics
@@ -313,6 +314,22 @@ impl Gateway {
     /// Runs work that outlives its request; shutdown waits for it.
     pub fn spawn(&self, work: impl Future<Output = ()> + Send + 'static) {
         self.0.tasks.spawn(work);
+    }
+}
+
+/// Holds a gauge one higher while it lives.
+struct GaugeGuard<'a>(&'a prometheus::IntGauge);
+
+impl<'a> GaugeGuard<'a> {
+    fn up(gauge: &'a prometheus::IntGauge) -> Self {
+        gauge.inc();
+        GaugeGuard(gauge)
+    }
+}
+
+impl Drop for GaugeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

@@ -65,15 +65,18 @@ pub async fn authenticate(
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let bearer_ok = match (&config.auth_token, presented.strip_prefix("Bearer ")) {
-        (Some(token), Some(given)) => same(token.expose(), given.trim()),
+    // The scheme name is case-insensitive (RFC 9110 section 11.1).
+    let (scheme, given) = presented.split_once(' ').unwrap_or(("", ""));
+    let given = given.trim();
+    let bearer_ok = match &config.auth_token {
+        Some(token) if scheme.eq_ignore_ascii_case("bearer") => same(token.expose(), given),
         _ => false,
     };
-    let basic_ok = match (basic, presented.strip_prefix("Basic ")) {
-        (Some((user, password)), Some(given)) => {
+    let basic_ok = match basic {
+        Some((user, password)) if scheme.eq_ignore_ascii_case("basic") => {
             let expected = base64::engine::general_purpose::STANDARD
                 .encode(format!("{user}:{}", password.expose()));
-            same(&expected, given.trim())
+            same(&expected, given)
         }
         _ => false,
     };

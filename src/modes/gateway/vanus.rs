@@ -72,12 +72,16 @@ pub async fn handle(
             "no `target` is configured to deliver the answer to: send `Process-Mode: sync` to get it in the reply, or set `target`",
         );
     }
-    let source = header_text(&headers, "vanus-source")
-        .unwrap_or(DEFAULT_SOURCE)
-        .to_string();
-    let ty = header_text(&headers, "vanus-type")
-        .unwrap_or(DEFAULT_TYPE)
-        .to_string();
+    // A blank override is no override: CloudEvents requires a non-empty source and type.
+    let attribute = |name: &str, default: &str| {
+        header_text(&headers, name)
+            .map(str::trim)
+            .filter(|value| !value.is_empty())
+            .unwrap_or(default)
+            .to_string()
+    };
+    let source = attribute("vanus-source", DEFAULT_SOURCE);
+    let ty = attribute("vanus-type", DEFAULT_TYPE);
     let ticket = match gateway.admit() {
         Ok(ticket) => ticket,
         Err(refusal) => {
