@@ -25,13 +25,18 @@
 //!   [`modes::gateway`] serves the action over HTTP (`serve`): the Vanus ChatGPT Source with
 //!   CloudEvent delivery, Glific's `parse_via_chat_gpt` webhook, and a generic action route.
 //! - [`services`]: credential verification and the model dropdown.
+//! - [`chat`]: the library API for Rust programs (openai-flows style conversations), over
+//!   [`conversations`]: history per conversation id in SQLite, Redis or memory, one turn at a
+//!   time, trimmed to a token budget.
 //!
 //! Invariants: secrets live only in [`secret::Secret`] (and header values marked sensitive); the
 //! dialect is converted in exactly one function; every error a user sees names the field or
 //! setting at fault and says what to do.
 
 pub mod actions;
+pub mod chat;
 pub mod component;
+pub mod conversations;
 pub mod credentials;
 pub mod emit;
 pub mod message;

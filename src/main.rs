@@ -8,6 +8,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use chatgpt_component::actions::{self, Context};
+use chatgpt_component::chat::{ChatClient, ChatOptions};
 use chatgpt_component::component::{check, Component, Direction};
 use chatgpt_component::credentials::process_env;
 use chatgpt_component::emit::Outcome;
@@ -66,6 +67,37 @@ enum Command {
     },
     /// Run as an elastic.io platform step: consume from RabbitMQ (configured by ELASTICIO_* env).
     Sailor,
+    /// Chat in a stored conversation: prints the reply (as it arrives with --stream).
+    /// Credentials from OPENAI_API_KEY (and OPENAI_BASE_URL, ...) or --cfg.
+    Chat {
+        /// The conversation's ID: letters, digits and _ - # . : @ +.
+        #[arg(long)]
+        conversation: String,
+        /// Forget the conversation's history first.
+        #[arg(long)]
+        restart: bool,
+        /// The conversation's system prompt (replaces a stored one).
+        #[arg(long)]
+        system: Option<String>,
+        /// Print the reply as it arrives.
+        #[arg(long)]
+        stream: bool,
+        /// Any model ID (default gpt-4o-mini).
+        #[arg(long)]
+        model: Option<String>,
+        /// Trim the history to this many tokens.
+        #[arg(long)]
+        token_budget: Option<usize>,
+        /// Where conversations are kept: a SQLite file path, redis://HOST, or memory:.
+        /// Default: CONVERSATION_STORE, else a file in the user's data directory.
+        #[arg(long)]
+        store: Option<String>,
+        /// Credentials as JSON (apiKey, baseUrl, ...), a file, or - for stdin.
+        #[arg(long, default_value = "{}")]
+        cfg: String,
+        /// The message.
+        text: String,
+    },
     /// Run the HTTP gateway: Vanus ChatGPT Source (POST /), Glific's parse_via_chat_gpt webhook
     /// and POST /actions/{action}.
     Serve {
@@ -185,6 +217,36 @@ async fn run(command: Command) -> Result<ExitCode, String> {
         Command::Sailor | Command::Service { .. } | Command::Serve { .. } => {
             unreachable!("handled in main")
         }
+        Command::Chat {
+            conversation,
+            restart,
+            system,
+            stream,
+            model,
+            token_budget,
+            store,
+            cfg,
+            text,
+        } => {
+            let mut cfg = read_json("--cfg", &cfg)?;
+            if let Some(store) = store {
+                cfg["conversationStore"] = Value::String(store);
+            }
+            let options = ChatOptions {
+                model,
+                restart,
+                system_prompt: system,
+                token_budget,
+                ..ChatOptions::default()
+            };
+            match chat(&cfg, &conversation, &text, &options, stream).await {
+                Ok(()) => Ok(ExitCode::SUCCESS),
+                Err(error) => {
+                    eprintln!("chatgpt-component: {error}");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
         Command::SelectModel {
             action,
             function,
@@ -203,6 +265,34 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             }
         }
     }
+}
+
+/// One turn of `chat`: the reply on stdout, streamed or at once.
+async fn chat(
+    cfg: &Value,
+    conversation: &str,
+    text: &str,
+    options: &ChatOptions,
+    stream: bool,
+) -> Result<(), chatgpt_component::chat::Error> {
+    use futures_util::StreamExt;
+    use std::io::Write;
+    let client = ChatClient::from_cfg(cfg, &process_env)?;
+    if !stream {
+        let response = client.chat_completion(conversation, text, options).await?;
+        println!("{}", response.choice);
+        return Ok(());
+    }
+    let mut pieces = client
+        .chat_completion_stream(conversation, text, options)
+        .await?;
+    let mut stdout = std::io::stdout();
+    while let Some(piece) = pieces.next().await {
+        let _ = write!(stdout, "{}", piece?);
+        let _ = stdout.flush();
+    }
+    println!();
+    Ok(())
 }
 
 /// Platform mode. Bunyan JSON logs on stdout, as the platform's log collector expects.

@@ -1196,3 +1196,19 @@ async fn wire_formats_are_stable() {
     );
     gw.finish().await;
 }
+
+/// With `shutdown_delay`, a stopping gateway says it is not ready but keeps serving for that
+/// long (load balancers take it out first), then stops.
+#[tokio::test]
+async fn shutdown_delay_keeps_serving_while_not_ready() {
+    let fake = FakeOpenAi::start().await;
+    let mut gw = Gateway::start(&fake, json!({"shutdown_delay": 1.0})).await;
+    assert_eq!(gw.send(gw.get("/readyz")).await.status, 200);
+    gw.signal_stop();
+    let ready = gw.send(gw.get("/readyz")).await;
+    assert_eq!(ready.status, 503, "{}", ready.text);
+    let reply = gw.prompt("still there?", SYNC).await;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    let took = gw.stop().await;
+    assert!(took >= Duration::from_millis(500), "stopped after {took:?}");
+}

@@ -124,8 +124,17 @@ pub(crate) fn parse(
     })
 }
 
-/// Plays one script (or the default reply when the queue is empty) for a valid request.
-pub(crate) async fn respond(request: &ChatRequest, script: Option<Script>, id: &str) -> Response {
+/// Plays one script (or the default reply when the queue is empty) for a valid request,
+/// after waiting `latency` ([`Options::latency`]).
+pub(crate) async fn respond(
+    request: &ChatRequest,
+    script: Option<Script>,
+    id: &str,
+    latency: Duration,
+) -> Response {
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
     let default = Reply {
         content: Some(format!("echo: {}", request.last_user_text)),
         ..Reply::default()

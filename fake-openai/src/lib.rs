@@ -24,12 +24,16 @@
 //! # }
 //! ```
 //!
+//! [`Options::latency`] delays every valid chat completion by a fixed time, like a model that
+//! takes a while to answer (for load tests); by default the fake answers at once.
+//!
 //! Routes: `POST /v1/chat/completions`, `GET /v1/models`, and the Azure forms
 //! `POST /openai/deployments/{deployment}/chat/completions` and
 //! `GET /openai/deployments/{deployment}/models`. Anything else is OpenAI's 404
 //! "Invalid URL". All routes need a key (`Authorization: Bearer` or `api-key`).
 //!
-//! The `fake-openai` binary serves the same fake on a fixed port for manual runs.
+//! The `fake-openai` binary serves the same fake on a fixed port for manual runs
+//! (`--latency-ms N` sets [`Options::latency`]).
 
 mod chat;
 mod script;
@@ -38,11 +42,15 @@ mod server;
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::TcpSocket;
 use tokio::sync::oneshot;
 
 pub use script::{ErrorReply, Reply, Script, ToolCall};
+
+/// Connections the kernel queues for `accept` (capped by `net.core.somaxconn`).
+const LISTEN_BACKLOG: u32 = 4096;
 
 /// A running fake server. It serves from a spawned tokio task until dropped.
 pub struct FakeOpenAi {
@@ -60,6 +68,10 @@ pub struct Options {
     pub models: Vec<String>,
     /// `Some`: only this key is accepted. `None`: any non-empty key is.
     pub api_key: Option<String>,
+    /// Waited before answering every chat completion that passed authentication and
+    /// validation, scripted or not (a script's own delays come on top). Rejected requests and
+    /// the model list answer at once. Zero by default.
+    pub latency: Duration,
 }
 
 impl Default for Options {
@@ -83,6 +95,7 @@ impl Default for Options {
             models_endpoint: true,
             models: models.iter().map(|m| m.to_string()).collect(),
             api_key: None,
+            latency: Duration::ZERO,
         }
     }
 }
@@ -115,7 +128,18 @@ impl FakeOpenAi {
 
     /// Starts on the given address (port 0 picks a free one); fails if it cannot bind.
     pub async fn start_on(addr: SocketAddr, options: Options) -> std::io::Result<FakeOpenAi> {
-        let listener = TcpListener::bind(addr).await?;
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        #[cfg(not(windows))]
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        // A deep accept queue: a load test (or a gateway under one) opens a thousand
+        // connections at once, and past `TcpListener::bind`'s 128 the kernel drops SYNs, each
+        // costing the client a retransmit a second or more later.
+        let listener = socket.listen(LISTEN_BACKLOG)?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(server::Shared::new(options));
         let app = server::router(shared.clone());

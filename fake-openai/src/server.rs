@@ -106,7 +106,7 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response
                         // Popped only now: a request failing validation leaves the queue alone.
                         let script = shared.scripts.lock().unwrap().pop_front();
                         let id = format!("chatcmpl-fake-{number}");
-                        chat::respond(&chat_request, script, &id).await
+                        chat::respond(&chat_request, script, &id, shared.options.latency).await
                     }
                 }
             }

@@ -785,6 +785,33 @@ async fn slow_trickle_spreads_the_body_out() {
 }
 
 #[tokio::test]
+async fn latency_delays_every_chat_answer_scripted_or_not() {
+    let latency = Duration::from_millis(200);
+    let server = FakeOpenAi::start_with(Options {
+        latency,
+        ..Options::default()
+    })
+    .await;
+    let started = Instant::now();
+    let response = post(&server, &chat_body()).await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(
+        body["choices"][0]["message"]["content"],
+        "echo: hello there"
+    );
+    assert!(started.elapsed() >= latency);
+
+    server.push(Script::Error(ErrorReply::rate_limited("1")));
+    let started = Instant::now();
+    assert_eq!(post(&server, &chat_body()).await.status(), 429);
+    assert!(
+        started.elapsed() >= latency,
+        "scripts still apply, after it"
+    );
+}
+
+#[tokio::test]
 async fn binary_prints_its_address_and_serves() {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};

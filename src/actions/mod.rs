@@ -4,6 +4,7 @@
 //! outcome followed by `end`. Modes differ only in the [`Emitter`] they pass.
 
 pub mod attachments;
+pub mod conversation;
 pub mod send_request;
 
 use serde_json::Value;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 
+use super::conversation;
 use super::{attachments, ActionDef, Context};
 use crate::component::validate::Violations;
 use crate::component::{self, Direction};
@@ -24,6 +25,7 @@ pub const DEF: ActionDef = ActionDef {
         "customModel",
         "requestTimeout",
         "maxRetries",
+        "conversationStore",
     ],
 };
 
@@ -49,6 +51,18 @@ pub struct Prepared {
     pub options: CallOptions,
     /// The request asked for JSON output, so the reply content is parsed.
     pub wants_json: bool,
+    /// The message continues a stored conversation.
+    pub conversation: Option<ConversationRef>,
+}
+
+/// What the message says about its conversation (the fields are taken out of the request).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConversationRef {
+    pub id: String,
+    pub restart: bool,
+    pub token_budget: Option<usize>,
+    /// `conversationStore` from `cfg`.
+    pub store: Option<String>,
 }
 
 /// Runs the whole action on one message.
@@ -69,6 +83,13 @@ pub async fn process(ctx: &Context<'_>, cfg: &Value, mut msg: Message) -> Outcom
         .as_str()
         .unwrap_or_default()
         .to_string();
+    let turn = match &prepared.conversation {
+        None => None,
+        Some(wanted) => match conversation::begin(ctx, wanted, &mut prepared.request).await {
+            Ok(turn) => Some(turn),
+            Err(outcome) => return outcome,
+        },
+    };
     tracing::debug!(
         model,
         streamed = prepared.request.get("stream").is_some(),
@@ -78,6 +99,10 @@ pub async fn process(ctx: &Context<'_>, cfg: &Value, mut msg: Message) -> Outcom
         .client
         .chat_completion(&prepared.credentials, &prepared.request, &prepared.options)
         .await;
+    let result = match turn {
+        Some(turn) => turn.finish(result).await,
+        None => result,
+    };
     match result {
         Ok(completion) => {
             tracing::info!(
@@ -100,7 +125,8 @@ pub async fn process(ctx: &Context<'_>, cfg: &Value, mut msg: Message) -> Outcom
 
 /// Validate, resolve and build: everything before the network. A failure is the error to emit.
 pub fn prepare(ctx: &Context<'_>, cfg: &Value, msg: Message) -> Result<Prepared, ErrorEvent> {
-    let body = validate(msg.body).map_err(|v| violations_event(&v))?;
+    let mut body = validate(msg.body).map_err(|v| violations_event(&v))?;
+    let conversation = conversation::take_fields(&mut body, cfg);
     let credentials = credentials::resolve(cfg, ctx.env).map_err(|e| e.to_event())?;
     let settings = settings(cfg).map_err(|e| e.to_event())?;
     let wants_json = matches!(
@@ -121,6 +147,7 @@ pub fn prepare(ctx: &Context<'_>, cfg: &Value, msg: Message) -> Result<Prepared,
         request: build_request(&settings.model, body),
         options,
         wants_json,
+        conversation,
     })
 }
 

@@ -1,6 +1,7 @@
 //! The HTTP client: one pool, timeouts, retries, SSE.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -90,10 +91,38 @@ impl OpenAi {
         request: &Value,
         options: &CallOptions,
     ) -> Result<Completion, CallError> {
+        self.chat(credentials, request, options, None).await
+    }
+
+    /// A streamed chat completion (`request` should say `"stream": true`) that also hands each
+    /// piece of the first choice's text to `on_delta` as it arrives; returns the aggregated
+    /// answer. Failures are retried only until the first piece was handed over: after that a
+    /// retry would repeat text the caller already has.
+    pub async fn chat_completion_streamed(
+        &self,
+        credentials: &Credentials,
+        request: &Value,
+        options: &CallOptions,
+        on_delta: &(dyn Fn(&str) + Send + Sync),
+    ) -> Result<Completion, CallError> {
+        self.chat(credentials, request, options, Some(on_delta))
+            .await
+    }
+
+    async fn chat(
+        &self,
+        credentials: &Credentials,
+        request: &Value,
+        options: &CallOptions,
+        on_delta: Option<&(dyn Fn(&str) + Send + Sync)>,
+    ) -> Result<Completion, CallError> {
         let streamed = request.get("stream") == Some(&Value::Bool(true));
         let body = Bytes::from(serde_json::to_vec(request).expect("JSON values serialize"));
         let url = credentials.url("/chat/completions");
-        with_retries(&options.retry, "chat completion", || async {
+        let delivered = AtomicBool::new(false);
+        let give_up = || delivered.load(Ordering::SeqCst);
+        let delivered = &delivered;
+        with_retries(&options.retry, "chat completion", &give_up, || async {
             let mut builder = self
                 .http
                 .post(&url)
@@ -114,7 +143,8 @@ impl OpenAi {
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|v| v.starts_with("text/event-stream"));
             let body = if is_sse {
-                read_stream(credentials, response, options.timeout, &request_id).await?
+                let sink = on_delta.map(|f| DeltaSink { f, delivered });
+                read_stream(credentials, response, options.timeout, &request_id, sink).await?
             } else {
                 // A server that ignores `stream` answers with plain JSON: accept that too.
                 let bytes = within(options.timeout, response.bytes()).await?;
@@ -132,7 +162,7 @@ impl OpenAi {
         options: &CallOptions,
     ) -> Result<Vec<String>, CallError> {
         let url = credentials.url("/models");
-        with_retries(&options.retry, "model list", || async {
+        with_retries(&options.retry, "model list", &|| false, || async {
             let builder = self
                 .http
                 .get(&url)
@@ -163,9 +193,11 @@ impl OpenAi {
 }
 
 /// Runs `attempt` until it succeeds or the policy gives up.
+/// Runs `attempt` until it succeeds or `policy` (or `give_up`) says to stop.
 async fn with_retries<T, F, Fut>(
     policy: &RetryPolicy,
     what: &str,
+    give_up: &(dyn Fn() -> bool + Sync),
     mut attempt: F,
 ) -> Result<T, CallError>
 where
@@ -178,6 +210,9 @@ where
             Ok(value) => return Ok(value),
             Err(error) => error,
         };
+        if give_up() {
+            return Err(error);
+        }
         match policy.decide(retries, &error) {
             Decision::GiveUp => return Err(error),
             Decision::RetryAfter(delay) => {
@@ -295,11 +330,18 @@ pub fn parse_completion(bytes: &[u8], request_id: &Option<String>) -> Result<Val
 
 /// Consumes an SSE stream. The timeout bounds each wait for the next event, never the whole
 /// stream: a long answer that keeps arriving is never cut.
+/// Where streamed text goes as it arrives, and whether any went yet.
+struct DeltaSink<'a> {
+    f: &'a (dyn Fn(&str) + Send + Sync),
+    delivered: &'a AtomicBool,
+}
+
 async fn read_stream(
     credentials: &Credentials,
     response: Response,
     limit: Duration,
     request_id: &Option<String>,
+    sink: Option<DeltaSink<'_>>,
 ) -> Result<Value, CallError> {
     let mut events = response.bytes_stream().eventsource();
     let mut aggregate = Aggregate::default();
@@ -341,6 +383,16 @@ async fn read_stream(
             return Err(CallError::Api(Box::new(api)));
         }
         aggregate.push(&chunk);
+        if let Some(sink) = &sink {
+            let choices = chunk["choices"].as_array().into_iter().flatten();
+            let first = choices.filter(|c| c["index"].as_u64().unwrap_or(0) == 0);
+            for text in first.filter_map(|c| c["delta"]["content"].as_str()) {
+                if !text.is_empty() {
+                    sink.delivered.store(true, Ordering::SeqCst);
+                    (sink.f)(text);
+                }
+            }
+        }
     }
     // The server closed without `[DONE]`: fine if every choice finished, a cut otherwise.
     if aggregate.is_complete() {

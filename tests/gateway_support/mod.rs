@@ -260,6 +260,11 @@ impl Gateway {
         }
     }
 
+    /// Cancels the token (as SIGTERM does) without waiting.
+    pub fn signal_stop(&self) {
+        self.shutdown.cancel();
+    }
+
     /// Cancels the token and waits for `serve` to return; returns how long that took.
     pub async fn stop(&mut self) -> Duration {
         let started = Instant::now();

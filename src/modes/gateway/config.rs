@@ -176,6 +176,13 @@ pub struct Config {
     pub auth_password: Option<Secret>,
     #[serde(default)]
     pub log_format: LogFormat,
+    /// Seconds between SIGTERM and no longer accepting: `/readyz` fails while requests are still
+    /// served, so load balancers can take the replica out first.
+    #[serde(default)]
+    pub shutdown_delay: f64,
+    /// Where conversations are kept (requests with a conversation id): a SQLite file path or
+    /// `redis://…`; default `CONVERSATION_STORE`, else a file in the user's data directory.
+    pub conversation_store: Option<String>,
     /// cdk-go keys found in the file and ignored; `serve` warns about them once logging is up.
     #[serde(skip)]
     pub ignored_keys: Vec<String>,
@@ -195,6 +202,7 @@ const TEXT_KEYS: &[&str] = &[
     "auth_username",
     "auth_password",
     "everyday_limit",
+    "conversation_store",
 ];
 /// Keys whose environment override is parsed as a YAML scalar (numbers, addresses, words).
 const SCALAR_KEYS: &[&str] = &[
@@ -212,6 +220,7 @@ const SCALAR_KEYS: &[&str] = &[
     "send_event_timeout",
     "send_event_backoff_ms",
     "log_format",
+    "shutdown_delay",
 ];
 
 fn default_port() -> u16 {
@@ -374,6 +383,12 @@ impl Config {
                 "must be a number of seconds between 0 and 3600",
             ));
         }
+        if !(0.0..=300.0).contains(&self.shutdown_delay) {
+            return Err(ConfigError::new(
+                "shutdown_delay",
+                "must be a number of seconds from 0 to 300",
+            ));
+        }
         if self.concurrency == 0 {
             return Err(ConfigError::new("concurrency", "must be at least 1"));
         }
@@ -411,6 +426,7 @@ impl Config {
             ("baseUrl", &self.base_url),
             ("organization", &self.organization),
             ("project", &self.project),
+            ("conversationStore", &self.conversation_store),
         ];
         for (key, value) in optional {
             if let Some(value) = value {

@@ -5,7 +5,8 @@
 //! as `gpt_model`, which Glific ignores; we honour it (`model` wins when both are set). Unlike
 //! Glific, a `json_schema` response format does not pin the model to gpt-4o-2024-08-06: every
 //! current model supports it. Template-expanded bodies often carry numbers as text, so
-//! `temperature` may be `"0.5"`. Other keys (`organization_id`, `flow_id`, `contact`, ...) are
+//! `temperature` may be `"0.5"`. `conversation_id` (ours) continues a stored conversation, e.g.
+//! one per contact. Other keys (`organization_id`, `flow_id`, `contact`, ...) are
 //! ignored, as in Glific.
 
 use axum::body::Bytes;
@@ -98,6 +99,9 @@ fn parse(body: &[u8]) -> Result<(Option<String>, Value), String> {
     }
     messages.push(json!({"role": "user", "content": question}));
     let mut request = json!({"messages": messages, "temperature": temperature});
+    if let Some(id) = super::conversation_id("conversation_id", fields.get("conversation_id"))? {
+        request["conversationId"] = json!(id);
+    }
     if let Some(format) = response_format {
         request["response_format"] = format;
     }

@@ -90,7 +90,10 @@ struct Inner {
     /// Upstream calls under way.
     upstream: Semaphore,
     tasks: TaskTracker,
-    /// Set when shutdown begins: `/readyz` fails, new work is refused.
+    /// Set when shutdown begins: `/readyz` fails, requests are still served (for
+    /// `shutdown_delay`, while load balancers take the replica out).
+    stopping: CancellationToken,
+    /// Set when the server stops accepting: new work is refused.
     draining: CancellationToken,
 }
 
@@ -206,6 +209,7 @@ impl Gateway {
             admission: Arc::new(Semaphore::new(config.concurrency + config.queue_size)),
             upstream: Semaphore::new(config.concurrency),
             tasks: TaskTracker::new(),
+            stopping: CancellationToken::new(),
             draining,
             config,
         })))
@@ -234,6 +238,11 @@ impl Gateway {
 
     pub fn is_draining(&self) -> bool {
         self.0.draining.is_cancelled()
+    }
+
+    /// Shutdown has begun: not ready for new traffic.
+    pub fn is_stopping(&self) -> bool {
+        self.0.stopping.is_cancelled()
     }
 
     /// Admits a request to the queue, or refuses at once when it is full.
@@ -394,11 +403,17 @@ pub async fn serve(
         model = inner.config.model,
         "gateway listening"
     );
-    let draining = inner.draining.clone();
+    let (stopping, draining) = (inner.stopping.clone(), inner.draining.clone());
+    let delay = Duration::from_secs_f64(inner.config.shutdown_delay);
     let app = router(gateway);
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown.cancelled().await;
+            stopping.cancel();
+            if !delay.is_zero() {
+                tracing::info!(?delay, "shutting down: not ready, still serving");
+                tokio::time::sleep(delay).await;
+            }
             draining.cancel();
         })
         .await?;
@@ -420,13 +435,36 @@ pub async fn serve(
     Ok(())
 }
 
+/// Pending connections the kernel queues for us; its default of 128 drops connection attempts
+/// of a burst (and clients retry only after a second).
+const LISTEN_BACKLOG: u32 = 4096;
+
 /// Binds `bind:port` from the config and serves until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> std::io::Result<()> {
     let address = std::net::SocketAddr::from((config.bind, config.port));
-    let listener = TcpListener::bind(address)
-        .await
+    let listen = || {
+        let socket = match address {
+            std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(address)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    let listener = listen()
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {address}: {e}")))?;
     serve(config, listener, Options::default(), shutdown).await
+}
+
+/// A conversation id from a request field: text, or a number (flow templates often expand
+/// `@contact.id` to one). Whether it is a valid id is checked by Send Request's schema.
+pub fn conversation_id(field: &str, value: Option<&Value>) -> Result<Option<String>, String> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(id)) => Ok(Some(id.clone())),
+        Some(Value::Number(id)) => Ok(Some(id.to_string())),
+        Some(_) => Err(format!("/{field} must be a string or a number")),
+    }
 }
 
 /// A JSON response with a status.

@@ -20,7 +20,7 @@ pub async fn healthz() -> &'static str {
 /// Ready for traffic: not shutting down. (Upstream health is not checked: a flaky upstream must
 /// not take every replica out of the Service at once.)
 pub async fn readyz(State(gateway): State<Gateway>) -> Response {
-    if gateway.is_draining() {
+    if gateway.is_stopping() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
     } else {
         "ready".into_response()

@@ -4,7 +4,8 @@
 //! `message` is the prompt (other keys are carried into the event data, as Vanus's successor
 //! does). By default the caller gets `200` at once and the answer is delivered to `target` as a
 //! CloudEvent (`data: {"content": ...}`); with `Process-Mode: sync` the reply also carries the
-//! data. Where Vanus emits its canned texts ("Get response failed.", the daily-limit notice) we
+//! data. A `conversationId` key in the JSON body (or a `Conversation-Id` header) continues a
+//! stored conversation, as Vanus's old `context_count` did. Where Vanus emits its canned texts ("Get response failed.", the daily-limit notice) we
 //! emit them too, plus an `error` object that says what happened.
 
 use axum::body::Bytes;
@@ -91,7 +92,12 @@ pub async fn handle(
         }
     };
     let cfg = gateway.action_cfg().clone();
-    let msg = request_message(&gateway, prompt);
+    let conversation = match super::conversation_id("conversationId", extra.get("conversationId")) {
+        Ok(Some(id)) => Some(id),
+        Ok(None) => header_text(&headers, "conversation-id").map(str::to_string),
+        Err(msg) => return bad_request(StatusCode::BAD_REQUEST, msg),
+    };
+    let msg = request_message(&gateway, prompt, conversation);
     if sync {
         let result = gateway.call(&ticket, &cfg, msg).await;
         let data = event_data(&result, extra);
@@ -161,8 +167,8 @@ fn parse_body(headers: &HeaderMap, body: &[u8]) -> Result<(String, Map<String, V
     }
 }
 
-/// The Send Request message for one prompt.
-fn request_message(gateway: &Gateway, prompt: String) -> Message {
+/// The Send Request message for one prompt, in a conversation if one is named.
+fn request_message(gateway: &Gateway, prompt: String, conversation: Option<String>) -> Message {
     let config = gateway.config();
     let mut messages = Vec::new();
     if let Some(system) = &config.system_prompt {
@@ -172,6 +178,9 @@ fn request_message(gateway: &Gateway, prompt: String) -> Message {
     let mut body = json!({ "messages": messages });
     if let Some(max) = config.max_tokens {
         body["max_completion_tokens"] = json!(max);
+    }
+    if let Some(id) = conversation {
+        body["conversationId"] = json!(id);
     }
     Message::with_body(body)
 }
