@@ -24,6 +24,10 @@
 //! non-zero. Gateways are killed on drop (and by a watchdog thread if even that hangs); the
 //! gateway logs at `LOG_LEVEL=warn`.
 
+mod common;
+
+use common::{machine_jiffies, proc_cpu_ms, proc_status_kb};
+
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::process::{ExitCode, Stdio};
@@ -66,9 +70,6 @@ const SLOW_UPSTREAM: Duration = Duration::from_secs(5);
 
 const SHARE_GOAL: f64 = 0.90;
 const RSS_GOAL_MB: f64 = 64.0;
-
-/// Pids of running gateways, for the last-resort watchdog thread.
-static PIDS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
 
 /// `GATEWAY_BENCH_LATENCIES`: which of [`LATENCIES_MS`] to run (all by default).
 fn latencies() -> Vec<u64> {
@@ -348,37 +349,8 @@ fn print_report(results: &Results) -> usize {
 
 fn main() -> ExitCode {
     let results: Shared = Arc::default();
-    // Last resort if the runtime cannot even be cancelled: kill the gateways and leave.
-    std::thread::spawn(|| {
-        std::thread::sleep(GLOBAL_TIMEOUT + Duration::from_secs(60));
-        eprintln!("gateway_load: hard timeout; killing the gateways");
-        for pid in PIDS.lock().unwrap().iter() {
-            let _ = std::process::Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-        }
-        std::process::exit(3);
-    });
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
     let shared = results.clone();
-    let outcome = runtime.block_on(async move {
-        let mut task = tokio::spawn(bench(shared));
-        match tokio::time::timeout(GLOBAL_TIMEOUT, &mut task).await {
-            Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(e))) => Err(e),
-            Ok(Err(join)) => Err(format!("the bench panicked: {join}")),
-            Err(_) => {
-                task.abort();
-                let _ = task.await;
-                Err(format!("global timeout of {GLOBAL_TIMEOUT:?} reached"))
-            }
-        }
-    });
-    runtime.shutdown_timeout(Duration::from_secs(10));
+    let outcome = common::run("gateway_load", GLOBAL_TIMEOUT, bench(shared));
     let failed = print_report(&results.lock().unwrap());
     match outcome {
         Ok(()) if failed == 0 => ExitCode::SUCCESS,
@@ -532,7 +504,7 @@ impl GatewayProcess {
             .spawn()
             .map_err(|e| format!("cannot start the gateway: {e}"))?;
         let pid = child.id().ok_or("the gateway has no pid")?;
-        PIDS.lock().unwrap().push(pid);
+        common::PIDS.lock().unwrap().push(pid);
         let log = Arc::new(Mutex::new(Log::default()));
         let stderr = child.stderr.take().ok_or("no stderr")?;
         let sink = log.clone();
@@ -626,7 +598,7 @@ impl GatewayProcess {
                 Some("the gateway did not exit within 30 s of SIGTERM; killed".into())
             }
         };
-        PIDS.lock().unwrap().retain(|p| *p != self.pid);
+        common::PIDS.lock().unwrap().retain(|p| *p != self.pid);
         problem
     }
 }
@@ -649,41 +621,9 @@ fn free_port() -> Result<u16, String> {
         .map_err(|e| format!("free port: {e}"))
 }
 
-/// A `kB` field of `/proc/<pid>/status` (`VmRSS`, `VmHWM`), or a count (`Threads`).
-fn proc_status_kb(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|line| {
-        let rest = line.strip_prefix(field)?.strip_prefix(':')?;
-        rest.trim().trim_end_matches("kB").trim().parse().ok()
-    })
-}
-
 // ---------------------------------------------------------------------------------------------
 // CPU accounting
 // ---------------------------------------------------------------------------------------------
-
-/// utime + stime of a process in ms (clock ticks assumed 100 Hz, as on every Linux build).
-fn proc_cpu_ms(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) * 10)
-}
-
-/// Machine-wide (busy, total) jiffies from `/proc/stat`: other processes count too.
-fn machine_jiffies() -> Option<(u64, u64)> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let cpu = stat.lines().next()?.strip_prefix("cpu ")?;
-    let fields: Vec<u64> = cpu
-        .split_whitespace()
-        .filter_map(|f| f.parse().ok())
-        .collect();
-    let total: u64 = fields.iter().take(8).sum();
-    let idle = fields.get(3)? + fields.get(4)?;
-    Some((total - idle, total))
-}
 
 /// CPU used by the gateway and by this process (load generator and fake upstream).
 struct Cpu {

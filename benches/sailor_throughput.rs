@@ -23,6 +23,10 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+mod common;
+
+use common::{machine_jiffies, proc_cpu_ms, proc_status_kb};
+
 use std::collections::{BTreeMap, HashSet};
 use std::process::{ExitCode, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -59,9 +63,6 @@ const READY_TIMEOUT: Duration = Duration::from_secs(20);
 const STARTS: usize = 5;
 const RUNS: usize = 2;
 const PREFETCHES: [u16; 2] = [1, 32];
-
-/// Pids of running steps, for the last-resort watchdog thread.
-static PIDS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
 
 fn cipher() -> Cipher {
     Cipher::new(&Secret::new(PASSWORD), IV).expect("cipher")
@@ -254,38 +255,8 @@ fn print_report(results: &Results) {
 
 fn main() -> ExitCode {
     let results: Shared = Arc::default();
-    // Last resort if the runtime cannot even be cancelled: kill the steps and leave (the node's
-    // watchdog stops it when our end of its stdin pipe closes).
-    std::thread::spawn(|| {
-        std::thread::sleep(GLOBAL_TIMEOUT + Duration::from_secs(60));
-        eprintln!("sailor_throughput: hard timeout; killing the steps");
-        for pid in PIDS.lock().unwrap().iter() {
-            let _ = std::process::Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-        }
-        std::process::exit(3);
-    });
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
     let shared = results.clone();
-    let outcome = runtime.block_on(async move {
-        let mut task = tokio::spawn(bench(shared));
-        match tokio::time::timeout(GLOBAL_TIMEOUT, &mut task).await {
-            Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(e))) => Err(e),
-            Ok(Err(join)) => Err(format!("the bench panicked: {join}")),
-            Err(_) => {
-                task.abort();
-                let _ = task.await;
-                Err(format!("global timeout of {GLOBAL_TIMEOUT:?} reached"))
-            }
-        }
-    });
-    runtime.shutdown_timeout(Duration::from_secs(10));
+    let outcome = common::run("sailor_throughput", GLOBAL_TIMEOUT, bench(shared));
     print_report(&results.lock().unwrap());
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -431,7 +402,7 @@ impl Step {
         let spawned = Instant::now();
         let mut child = command.spawn().expect("the binary starts");
         let pid = child.id().expect("a pid");
-        PIDS.lock().unwrap().push(pid);
+        common::PIDS.lock().unwrap().push(pid);
         let (ready_tx, ready) = tokio::sync::watch::channel(None);
         let ready_tx = Arc::new(ready_tx);
         let logs = Arc::new(Mutex::new(LogStats::default()));
@@ -517,7 +488,7 @@ impl Step {
                 Some("the step did not exit within 20 s of SIGTERM; killed".into())
             }
         };
-        PIDS.lock().unwrap().retain(|p| *p != self.pid);
+        common::PIDS.lock().unwrap().retain(|p| *p != self.pid);
         problem
     }
 }
@@ -529,15 +500,6 @@ fn step_amqp_uri(rabbit: &Rabbit) -> String {
         Ok(query) if !query.is_empty() => format!("{}?{query}", rabbit.amqp_uri()),
         _ => rabbit.amqp_uri(),
     }
-}
-
-/// A `kB` field of `/proc/<pid>/status` (`VmRSS`, `VmHWM`).
-fn proc_status_kb(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|line| {
-        let rest = line.strip_prefix(field)?.strip_prefix(':')?;
-        rest.trim().trim_end_matches("kB").trim().parse().ok()
-    })
 }
 
 /// Polls the queue's consumer count on one channel until it is positive.
@@ -849,16 +811,6 @@ async fn component_run(
     Ok((Run { detail, ..run }, sample))
 }
 
-/// utime + stime of a process in ms (clock ticks assumed 100 Hz, as on every Linux build).
-fn proc_cpu_ms(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) * 10)
-}
-
 /// CPU time used by the step, the broker and this process, for a CPU budget per message.
 struct Cpu {
     step: Option<u64>,
@@ -867,18 +819,6 @@ struct Cpu {
     /// Machine-wide (busy, total) jiffies from `/proc/stat`: other processes count too.
     machine: Option<(u64, u64)>,
     at: Instant,
-}
-
-fn machine_jiffies() -> Option<(u64, u64)> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let cpu = stat.lines().next()?.strip_prefix("cpu ")?;
-    let fields: Vec<u64> = cpu
-        .split_whitespace()
-        .filter_map(|f| f.parse().ok())
-        .collect();
-    let total: u64 = fields.iter().take(8).sum();
-    let idle = fields.get(3)? + fields.get(4)?;
-    Some((total - idle, total))
 }
 
 impl Cpu {

@@ -567,7 +567,10 @@ mod tests {
             );
             assert!(!text.contains("s3c"), "{spec}: {text}");
         }
-        assert!(RedisStore::open("rediss://:s3cret@h").is_ok(), "TLS is built in");
+        assert!(
+            RedisStore::open("rediss://:s3cret@h").is_ok(),
+            "TLS is built in"
+        );
     }
 
     #[test]
