@@ -66,7 +66,10 @@ const LOAD_QUEUE: usize = 2048;
 
 /// The memory test: this many sync requests held by an upstream this slow.
 const IN_FLIGHT: usize = 1000;
-const SLOW_UPSTREAM: Duration = Duration::from_secs(5);
+const SLOW_UPSTREAM: Duration = Duration::from_secs(3);
+/// The memory test's gateway `concurrency`: the default (64 upstream calls, the rest waiting
+/// in the queue), then all 1,000 upstream at once.
+const MEMORY_CONCURRENCY: [usize; 2] = [64, IN_FLIGHT + 100];
 
 const SHARE_GOAL: f64 = 0.90;
 const RSS_GOAL_MB: f64 = 64.0;
@@ -150,6 +153,8 @@ impl Run {
 
 #[derive(Default)]
 struct Memory {
+    /// The gateway's `concurrency`: calls upstream at once; the rest wait in its queue.
+    concurrency: usize,
     idle_kb: Option<u64>,
     /// Highest `VmRSS` sampled while all requests were in flight, and `RssAnon` then.
     in_flight_kb: Option<u64>,
@@ -169,7 +174,7 @@ struct Memory {
 #[derive(Default)]
 struct Results {
     runs: Vec<Run>,
-    memory: Option<Memory>,
+    memory: Vec<Memory>,
     notes: Vec<String>,
 }
 
@@ -246,16 +251,22 @@ fn print_report(results: &Results) -> usize {
         }
     }
     println!();
-    if let Some(m) = &results.memory {
+    for m in &results.memory {
+        let upstream = m.concurrency.min(IN_FLIGHT);
         println!(
-            "- gateway idle RSS (fresh process, before any request): {} (anonymous {})",
+            "- concurrency {}: {upstream} upstream at once, {} waiting in the gateway's queue",
+            m.concurrency,
+            IN_FLIGHT - upstream
+        );
+        println!(
+            "  - idle RSS (fresh process, before any request): {} (anonymous {})",
             mb(m.idle_kb),
             mb(m.idle_anon_kb)
         );
         println!(
-            "- gateway RSS with {IN_FLIGHT} sync requests in flight (upstream answering after {:.0} s): {} \
-             (anonymous {}, {} per request over idle; highest of {} samples; all {IN_FLIGHT} at the \
-             upstream {} after the first was sent; {} threads)",
+            "  - RSS with {IN_FLIGHT} sync requests in flight (upstream answering after {:.0} s): {} \
+             (anonymous {}, {} per request over idle; highest of {} samples; all {IN_FLIGHT} in \
+             the gateway {} after the first was sent; {} threads)",
             SLOW_UPSTREAM.as_secs_f64(),
             mb(m.in_flight_kb),
             mb(m.in_flight_anon_kb),
@@ -272,12 +283,13 @@ fn print_report(results: &Results) -> usize {
             m.threads.map_or("?".into(), |t| t.to_string()),
         );
         println!(
-            "- gateway peak RSS (VmHWM) after all {IN_FLIGHT} answers: {} ({} ok, {} errors)",
+            "  - peak RSS (VmHWM) after all {IN_FLIGHT} answers: {} ({} ok, {} errors)",
             mb(m.hwm_kb),
             m.ok,
             m.errors
         );
-    } else {
+    }
+    if results.memory.is_empty() {
         println!("- memory test: not run");
     }
     println!();
@@ -300,19 +312,24 @@ fn print_report(results: &Results) -> usize {
             share_text.join("; ")
         }
     );
-    let peak = results
+    let peaks: Vec<String> = results
         .memory
-        .as_ref()
-        .and_then(|m| m.in_flight_kb.max(m.hwm_kb));
-    println!(
-        "goal: < {RSS_GOAL_MB:.0} MB with 1,000 in flight: {}",
-        match peak {
-            Some(kb) => format!(
-                "{} (the higher of in-flight RSS and VmHWM) {}",
+        .iter()
+        .filter_map(|m| Some((m.concurrency, m.in_flight_kb.max(m.hwm_kb)?)))
+        .map(|(concurrency, kb)| {
+            format!(
+                "concurrency {concurrency}: {} {}",
                 mb(Some(kb)),
                 met((kb as f64 / 1024.0) < RSS_GOAL_MB)
-            ),
-            None => "n/a".into(),
+            )
+        })
+        .collect();
+    println!(
+        "goal: < {RSS_GOAL_MB:.0} MB with 1,000 in flight (the higher of in-flight RSS and VmHWM): {}",
+        if peaks.is_empty() {
+            "n/a".to_string()
+        } else {
+            peaks.join("; ")
         }
     );
     println!();
@@ -331,7 +348,7 @@ fn print_report(results: &Results) -> usize {
             );
         }
     }
-    if let Some(m) = &results.memory {
+    for m in &results.memory {
         failed += m.errors;
         for error in &m.first_errors {
             println!("  error (memory test): {error}");
@@ -425,8 +442,10 @@ async fn bench(results: Shared) -> Result<(), String> {
         }
         drop(fake);
     }
-    let memory = memory_test(&results).await?;
-    results.lock().unwrap().memory = Some(memory);
+    for concurrency in MEMORY_CONCURRENCY {
+        let memory = memory_test(&results, concurrency).await?;
+        results.lock().unwrap().memory.push(memory);
+    }
     Ok(())
 }
 
@@ -840,16 +859,17 @@ async fn load(client: &reqwest::Client, target: &Target, n: usize, c: usize) -> 
 // Memory with 1,000 in flight
 // ---------------------------------------------------------------------------------------------
 
-async fn memory_test(results: &Shared) -> Result<Memory, String> {
+async fn memory_test(results: &Shared, concurrency: usize) -> Result<Memory, String> {
     let fake = FakeOpenAi::start_with(Options {
         latency: SLOW_UPSTREAM,
         api_key: Some(API_KEY.into()),
         ..Options::default()
     })
     .await;
-    let mut gateway = GatewayProcess::start(&fake, IN_FLIGHT + 100, IN_FLIGHT).await?;
+    let mut gateway = GatewayProcess::start(&fake, concurrency, IN_FLIGHT).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let mut memory = Memory {
+        concurrency,
         idle_kb: gateway.status_kb("VmRSS"),
         idle_anon_kb: gateway.status_kb("RssAnon"),
         ..Memory::default()
@@ -869,19 +889,20 @@ async fn memory_test(results: &Shared) -> Result<Memory, String> {
             result
         });
     }
-    // All in flight: the fake has them all (it records a request before its latency).
+    // All in flight: the gateway holds them all, upstream or waiting in its queue.
     let deadline = first_sent + SLOW_UPSTREAM + Duration::from_secs(10);
+    let metrics = reqwest::Client::new();
     while Instant::now() < deadline && answered.load(Ordering::SeqCst) == 0 {
-        if fake.chat_requests().len() >= IN_FLIGHT {
+        if held(&metrics, &gateway.url()).await >= IN_FLIGHT {
             memory.all_in_after = Some(first_sent.elapsed());
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     if memory.all_in_after.is_none() {
+        let held = held(&metrics, &gateway.url()).await;
         results.lock().unwrap().notes.push(format!(
-            "memory test: only {} of {IN_FLIGHT} requests reached the upstream before the first answer",
-            fake.chat_requests().len()
+            "memory test: only {held} of {IN_FLIGHT} requests were in the gateway before the first answer"
         ));
     }
     // Sample until the first answer is near (the fake answers SLOW_UPSTREAM after each arrival).
@@ -929,4 +950,22 @@ async fn memory_test(results: &Shared) -> Result<Memory, String> {
         results.lock().unwrap().notes.push(problem);
     }
     Ok(memory)
+}
+
+/// Requests the gateway holds: upstream calls under way plus requests waiting in its queue.
+async fn held(client: &reqwest::Client, gateway: &str) -> usize {
+    let Ok(response) = client.get(format!("{gateway}/metrics")).send().await else {
+        return 0;
+    };
+    let text = response.text().await.unwrap_or_default();
+    [
+        "chatgpt_gateway_upstream_in_flight ",
+        "chatgpt_gateway_queue_depth ",
+    ]
+    .iter()
+    .filter_map(|series| {
+        let line = text.lines().find(|l| l.starts_with(series))?;
+        line[series.len()..].trim().parse::<f64>().ok()
+    })
+    .sum::<f64>() as usize
 }

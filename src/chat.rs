@@ -2,13 +2,25 @@
 //! the `openai-flows` crate (`chat_completion(conversation_id, text, &ChatOptions)`), but on any
 //! OpenAI-compatible server, with history in a store you choose, typed errors and streaming.
 //!
-//! ```no_run
-//! use chatgpt_component::chat::{ChatClient, ChatOptions};
+//! ```
+//! use std::sync::Arc;
 //!
-//! # async fn demo() -> Result<(), chatgpt_component::chat::Error> {
-//! // OPENAI_API_KEY (and OPENAI_BASE_URL, ...) from the environment; history in the default
-//! // SQLite file, or CONVERSATION_STORE (a path, sqlite:PATH, redis://HOST, memory:).
-//! let chat = ChatClient::from_env()?;
+//! use chatgpt_component::chat::{ChatClient, ChatOptions};
+//! use chatgpt_component::conversations::memory::MemoryStore;
+//! use chatgpt_component::credentials;
+//! use serde_json::json;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let fake = fake_openai::FakeOpenAi::start().await; // this example runs against the fake
+//! # let base_url = fake.base_url();
+//! // Credentials resolved as the component resolves them: a key, and here an OpenAI-compatible
+//! // server. `ChatClient::from_env()` takes OPENAI_API_KEY, OPENAI_BASE_URL, ... and the store
+//! // named by CONVERSATION_STORE (default: a SQLite file in the user's data directory).
+//! let cfg = json!({"apiKey": "sk-...", "baseUrl": base_url});
+//! let credentials = credentials::resolve(&cfg, &|_: &str| None)?;
+//! let chat = ChatClient::new(credentials, Arc::new(MemoryStore::default()));
+//!
 //! let options = ChatOptions {
 //!     system_prompt: Some("You are a terse assistant.".into()),
 //!     ..ChatOptions::default()
@@ -16,7 +28,9 @@
 //! let first = chat.chat_completion("user-42", "My name is Ana.", &options).await?;
 //! assert!(first.restarted); // a new conversation
 //! let second = chat.chat_completion("user-42", "What is my name?", &options).await?;
-//! println!("{}", second.choice); // the model saw the first turn
+//! assert!(!second.restarted); // the request carried the first turn
+//! println!("{}", second.choice);
+//! assert_eq!(chat.chat_history("user-42", 0).await?.len(), 4); // two questions, two answers
 //! # Ok(())
 //! # }
 //! ```
@@ -25,6 +39,8 @@
 //! and Redis), a failed call leaves the history as it was, and
 //! [`ChatOptions::token_budget`] trims the oldest turns so a long conversation keeps fitting the
 //! model's context.
+
+#![warn(missing_docs)]
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -58,14 +74,21 @@ pub struct ChatOptions {
     pub pre_prompt: Option<String>,
     /// Put after this call's text, not stored in the history.
     pub post_prompt: Option<String>,
+    /// Sampling temperature, 0 to 2.
     pub temperature: Option<f32>,
+    /// Nucleus sampling: only the tokens within this probability mass.
     pub top_p: Option<f32>,
+    /// Up to 4 sequences where the reply stops.
     pub stop: Option<Vec<String>>,
     /// Sent as `max_completion_tokens`.
     pub max_tokens: Option<u32>,
+    /// -2 to 2: positive values favour new topics.
     pub presence_penalty: Option<f32>,
+    /// -2 to 2: positive values discourage repeating the same words.
     pub frequency_penalty: Option<f32>,
+    /// Token id (as text) to a bias from -100 to 100.
     pub logit_bias: Option<HashMap<String, i8>>,
+    /// Text (default), any JSON object, or JSON matching a schema.
     pub response_format: Option<ResponseFormat>,
     /// Trim the history (oldest turns first, the system prompt kept) so the request stays within
     /// this many tokens, counted with the model's tokenizer. `None`: send all of it.
@@ -75,13 +98,17 @@ pub struct ChatOptions {
 /// The reply's format.
 #[derive(Clone, Debug, PartialEq)]
 pub enum ResponseFormat {
+    /// Plain text.
     Text,
     /// Any JSON object.
     JsonObject,
     /// JSON matching `schema` (structured outputs).
     JsonSchema {
+        /// The schema's name, as OpenAI requires one.
         name: String,
+        /// A JSON Schema object.
         schema: Value,
+        /// Enforce the schema exactly (OpenAI's strict mode).
         strict: bool,
     },
 }
@@ -100,13 +127,18 @@ pub struct ChatResponse {
 /// A stored message, as [`ChatClient::chat_history`] returns it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChatMessage {
+    /// Who wrote it.
     pub role: Role,
+    /// Its text.
     pub content: String,
 }
 
+/// The author of a [`ChatMessage`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
+    /// The caller's text.
     User,
+    /// The model's reply.
     Assistant,
 }
 
@@ -115,27 +147,42 @@ pub enum Role {
 pub enum Error {
     /// A setting or argument is unusable (no key, a bad conversation id, ...).
     #[error("{field}: {problem}")]
-    Config { field: String, problem: String },
+    Config {
+        /// The setting or argument at fault.
+        field: String,
+        /// What is wrong and what to do.
+        problem: String,
+    },
     /// The server answered with an error.
     #[error("OpenAI answered {status}{}: {message}", code.as_deref().map(|c| format!(" {c}")).unwrap_or_default())]
     Api {
+        /// The HTTP status (200 for an error inside a stream).
         status: u16,
+        /// OpenAI's `error.type`, such as `invalid_request_error`.
         error_type: Option<String>,
+        /// OpenAI's `error.code`, such as `insufficient_quota` or `model_not_found`.
         code: Option<String>,
+        /// The request field at fault, when OpenAI names one.
         param: Option<String>,
+        /// OpenAI's message, with the API key scrubbed.
         message: String,
+        /// OpenAI's request id, for support requests.
         request_id: Option<String>,
     },
     /// No usable answer arrived: the connection failed, was cut, or timed out.
     #[error("{kind}: {message}")]
     Transport {
+        /// Connecting, a timeout, or a cut connection.
         kind: TransportKind,
+        /// What happened.
         message: String,
     },
     /// The server's answer is not a chat completion.
     #[error("the answer is not a chat completion: {message}")]
     InvalidResponse {
+        /// What was wrong with it.
         message: String,
+        /// OpenAI's request id, if the answer had one.
         request_id: Option<String>,
     },
     /// The model declined to answer (or returned no text).

@@ -10,6 +10,7 @@ use serde_json::Value;
 
 use super::{new_token, wait_for_lease, Lease, Store, StoreError};
 
+/// Conversations and leases in maps of this process.
 #[derive(Default)]
 pub struct MemoryStore {
     conversations: Mutex<HashMap<String, Vec<Value>>>,

@@ -13,6 +13,8 @@
 //! [`Turn::commit`] stores the new messages and the reply, only after the upstream answered. A
 //! failed call never changes the history.
 
+#![warn(missing_docs)]
+
 pub mod budget;
 pub mod memory;
 pub mod redis;
@@ -39,6 +41,7 @@ pub const STORE_ENV: &str = "CONVERSATION_STORE";
 pub struct StoreError(pub String);
 
 impl StoreError {
+    /// An error with this text.
     pub fn new(what: impl std::fmt::Display) -> Self {
         StoreError(what.to_string())
     }
@@ -47,7 +50,9 @@ impl StoreError {
 /// Proof of holding a conversation's lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
+    /// The conversation.
     pub id: String,
+    /// The holder's random token: only its holder can renew or release the lease.
     pub token: String,
 }
 

@@ -30,6 +30,7 @@ const SCHEMA: &str = "
     );
 ";
 
+/// Conversations in one SQLite file, shared by every process that opens it.
 pub struct SqliteStore {
     connection: Arc<Mutex<Connection>>,
     path: String,
