@@ -16,11 +16,16 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use serde_json::{json, Map, Value};
 
-use super::{json_reply, Gateway};
+use super::{json_reply, Gateway, Refusal};
 use crate::message::Message;
 
 fn failure(status: StatusCode, error: impl Into<String>) -> Response {
     json_reply(status, json!({"success": false, "error": error.into()}))
+}
+
+/// A refusal in Glific's failure shape, with `Retry-After` when waiting helps.
+fn refused(refusal: Refusal) -> Response {
+    refusal.decorate(failure(refusal.status(), refusal.to_event().message))
 }
 
 pub async fn handle(
@@ -37,9 +42,7 @@ pub async fn handle(
     };
     let ticket = match gateway.admit() {
         Ok(ticket) => ticket,
-        Err(refusal) => {
-            return refusal.decorate(failure(refusal.status(), refusal.to_event().message))
-        }
+        Err(refusal) => return refused(refusal),
     };
     let mut cfg = gateway.action_cfg().clone();
     if let Some(model) = model {
@@ -50,7 +53,7 @@ pub async fn handle(
         .await
     {
         Ok(message) => answer(&message.body),
-        Err(refusal) => refusal.decorate(failure(refusal.status(), refusal.to_event().message)),
+        Err(refusal) => refused(refusal),
     }
 }
 

@@ -122,7 +122,8 @@ impl Quota {
     }
 
     /// Successful calls counted today.
-    pub fn used_today(&self) -> u64 {
+    #[cfg(test)]
+    fn used_today(&self) -> u64 {
         let mut state = self.state.lock().expect("quota lock");
         roll_over(&mut state.usage, (self.clock)().date_naive());
         state.usage.used
